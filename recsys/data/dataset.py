@@ -1,0 +1,93 @@
+"""Read access to a prepared directory (see recsys.data.prepare for its layout)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from recsys.data.prepare import MANIFEST
+from recsys.data.schemas import ITEM, USER, CTRSchema
+from recsys.data.vocab import Vocabulary
+from recsys.errors import DataError
+
+
+@dataclass
+class PreparedData:
+    """A prepared dataset: its manifest, split files and vocabularies.
+
+    Args:
+        root: the prepared directory.
+
+    Example:
+        >>> data = PreparedData.open("data/prepared/ml100k")  # doctest: +SKIP
+        >>> data.matrix("train").shape                         # doctest: +SKIP
+        (944, 1483)
+    """
+
+    root: Path
+
+    @classmethod
+    def open(cls, root: str | Path) -> PreparedData:
+        root = Path(root)
+        if not (root / MANIFEST).is_file():
+            raise DataError(f"{root}: not a prepared dataset (no {MANIFEST}); run `python -m pipelines.prepare` first")
+        return cls(root)
+
+    @cached_property
+    def manifest(self) -> dict:
+        return json.loads((self.root / MANIFEST).read_text())
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    def path(self, split: str) -> Path:
+        path = self.root / f"{split}.parquet"
+        if not path.is_file():
+            raise DataError(f"{path}: split '{split}' not found; the dataset has {self.splits}")
+        return path
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in ("train", "valid", "test") if (self.root / f"{s}.parquet").is_file()]
+
+    def vocab(self, feature: str) -> Vocabulary:
+        return Vocabulary.load(self.root / "vocab" / f"{feature}.parquet")
+
+    @property
+    def vocab_sizes(self) -> dict[str, int]:
+        return dict(self.manifest["vocab_sizes"])
+
+    @property
+    def ctr_schema(self) -> CTRSchema:
+        s = self.manifest["schema"]
+        return CTRSchema(tuple(s["dense"]), tuple(s["sparse"]), tuple(s["multi_valued"]))
+
+    @property
+    def n_users(self) -> int:
+        return self.vocab_sizes[USER]
+
+    @property
+    def n_items(self) -> int:
+        return self.vocab_sizes[ITEM]
+
+    def matrix(self, split: str) -> sp.csr_matrix:
+        """The (n_users, n_items) 0/1 CSR matrix of a split's interactions."""
+        table = pq.read_table(self.path(split), columns=[USER, ITEM])
+        users, items = table[USER].to_numpy(), table[ITEM].to_numpy()
+        matrix = sp.csr_matrix((np.ones(len(users), dtype=np.float32), (users, items)),
+                               shape=(self.n_users, self.n_items))
+        matrix.sum_duplicates()
+        matrix.data[:] = 1.0
+        return matrix
+
+    def item_counts(self, split: str = "train") -> np.ndarray:
+        """Interactions per item index in a split: shape (n_items,)."""
+        items = pq.read_table(self.path(split), columns=[ITEM])[ITEM].to_numpy()
+        return np.bincount(items, minlength=self.n_items)

@@ -1,0 +1,363 @@
+"""Synthetic datasets with planted structure, written to Parquet in bounded memory.
+
+Two generators:
+
+* :func:`generate_interactions` writes an implicit-feedback table (``user_id``, ``item_id``,
+  ``timestamp``). Items have Zipf popularity; users and items have low-rank latent factors around
+  shared cluster centres; user ``u`` picks distinct items ``i`` with probability proportional to
+  ``exp(affinity * u.v_i + log popularity_i)``. :func:`planted_interactions` returns the planted
+  factors, so the true ("oracle") scores can be used as an upper reference in evaluations.
+* :func:`generate_ctr` writes a CTR table (``label``, dense ``d*``, sparse ``s*``, multi-valued
+  ``tags``) whose labels come from a planted logit with linear, dense, tag and FM-style pairwise
+  cross terms; it reports the AUC of the true probabilities.
+
+Both are deterministic for a given config: planted parameters come from ``seed`` alone and chunk
+``c`` uses its own generator seeded by ``(seed, c)``, so the same config (including the chunk size)
+always writes the same file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sklearn.metrics import roc_auc_score
+
+from recsys.data.schemas import LABEL, RAW_ITEM, RAW_USER, TIMESTAMP, CTRSchema
+from recsys.errors import ConfigError
+
+_CELL_BUDGET = 50_000_000  # user x item cells per chunk (~200 MB of float32)
+_ROUNDS = 6  # rejection-sampling rounds before the dense Gumbel-top-k fallback
+_DRAWS_PER_ROUND = 2_000_000  # proposals per round (memory bound of a round)
+_ID_OFFSET = 1000  # raw ids are offset + a seeded permutation: never the 0..n-1 indices
+_T0 = 1_600_000_000  # earliest timestamp (2020-09-13), seconds
+_CTR_ID_EXPONENT = 1.0  # Zipf exponent of the CTR sparse ids
+_CTR_LINEAR_STD, _CTR_EMB_STD, _CTR_DENSE_STD, _CTR_TAG_STD = 0.5, 1.4, 0.3, 0.6
+_CALIBRATION_ROWS = 200_000
+
+
+def _require(ok: bool, owner: str, field: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{owner}.{field}={value!r} is invalid: expected {expected}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _check_ints(owner: str, cfg: object, minimums: dict[str, int]) -> None:
+    for name, lo in minimums.items():
+        v = getattr(cfg, name)
+        _require(_is_int(v) and v >= lo, owner, name, v, f"an integer >= {lo}")
+
+
+def _zipf_log_weights(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """Normalised log-probabilities of a Zipf law over a random permutation of ``n`` ids."""
+    logw = -exponent * np.log1p(rng.permutation(n).astype(np.float64))
+    return logw - np.logaddexp.reduce(logw)
+
+
+# --------------------------------------------------------------------------------------------
+# Interactions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticInteractions:
+    """Settings of the synthetic implicit-feedback generator.
+
+    Args:
+        n_users: number of users (every user gets at least ``min(5, n_items // 2)`` interactions).
+        n_items: number of items.
+        n_interactions: approximate total number of rows (per-user counts are heavy-tailed).
+        n_clusters: number of taste clusters; users belong to one, items are aligned with one.
+        dim: latent dimension of the planted user and item factors.
+        popularity_exponent: Zipf exponent of item popularity (0 = uniform).
+        affinity: weight of the personal taste ``u.v`` against log popularity (0 = popularity only).
+        user_noise: spread of user factors around their cluster centre (centres have norm ~1);
+            small values keep the user factors close to rank ``n_clusters`` and sampling fast.
+        item_noise: spread of item factors around their cluster centre.
+        seed: seed of everything; the same config always writes the same file.
+        chunk_users: users generated per chunk (one Parquet row group each); None picks it so
+            that ``chunk_users * n_items`` float32 values stay under ~200 MB.
+
+    Example:
+        >>> cfg = SyntheticInteractions(n_users=100, n_items=50, n_interactions=2000)
+        >>> generate_interactions(cfg, "/tmp/interactions.parquet")["users"]
+        100
+    """
+
+    n_users: int = 2000
+    n_items: int = 1000
+    n_interactions: int = 100_000
+    n_clusters: int = 10
+    dim: int = 16
+    popularity_exponent: float = 1.0
+    affinity: float = 4.0
+    user_noise: float = 0.3
+    item_noise: float = 1.0
+    seed: int = 0
+    chunk_users: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        owner = type(self).__name__
+        _check_ints(owner, self, {"n_users": 1, "n_items": 1, "n_interactions": 1, "n_clusters": 1,
+                                  "dim": 1, "seed": 0})
+        for name in ("popularity_exponent", "affinity", "user_noise", "item_noise"):
+            v = getattr(self, name)
+            _require(_is_num(v) and v >= 0, owner, name, v, "a finite number >= 0")
+        c = self.chunk_users
+        _require(c is None or (_is_int(c) and c >= 1), owner, "chunk_users", c, "None or an integer >= 1")
+
+    @property
+    def resolved_chunk_users(self) -> int:
+        """Users per chunk: ``chunk_users`` or the memory-budget default."""
+        return self.chunk_users or max(1, min(self.n_users, _CELL_BUDGET // self.n_items))
+
+
+@dataclass(frozen=True)
+class PlantedInteractions:
+    """The planted model behind :func:`generate_interactions` (row ``u`` = user index ``u``).
+
+    Args:
+        user_ids: raw id of each user index, shape (n_users,).
+        item_ids: raw id of each item index, shape (n_items,).
+        user_factors: (n_users, dim) float64 latent factors.
+        item_factors: (n_items, dim) float64 latent factors.
+        user_clusters: cluster of each user, shape (n_users,).
+        item_clusters: cluster each item is aligned with, shape (n_items,).
+        centres: (n_clusters, dim) cluster centres.
+        log_popularity: normalised log-probabilities of the item popularity law, shape (n_items,).
+        counts: number of interactions of each user, shape (n_users,).
+        affinity: weight of ``u.v`` in the logits.
+
+    Example:
+        >>> p = planted_interactions(SyntheticInteractions(n_users=10, n_items=20))
+        >>> p.scores(p.user_index(p.user_ids[:3])).shape
+        (3, 20)
+    """
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    user_clusters: np.ndarray
+    item_clusters: np.ndarray
+    centres: np.ndarray
+    log_popularity: np.ndarray
+    counts: np.ndarray
+    affinity: float
+
+    def scores(self, users: np.ndarray | None = None) -> np.ndarray:
+        """True logits ``affinity * u.v + log popularity`` of users (indices) x all items.
+
+        Args:
+            users: user indices (not raw ids); None means all users.
+
+        Returns:
+            (len(users), n_items) float64 array; a user's items are sampled in proportion to exp().
+        """
+        u = self.user_factors if users is None else self.user_factors[np.asarray(users)]
+        return self.affinity * (u @ self.item_factors.T) + self.log_popularity
+
+    def user_index(self, raw_ids: np.ndarray) -> np.ndarray:
+        """User indices of raw ``user_id`` values."""
+        return self._inverse(self.user_ids)[np.asarray(raw_ids) - _ID_OFFSET]
+
+    def item_index(self, raw_ids: np.ndarray) -> np.ndarray:
+        """Item indices of raw ``item_id`` values."""
+        return self._inverse(self.item_ids)[np.asarray(raw_ids) - _ID_OFFSET]
+
+    @staticmethod
+    def _inverse(ids: np.ndarray) -> np.ndarray:
+        inv = np.empty(len(ids), dtype=np.int64)
+        inv[ids - _ID_OFFSET] = np.arange(len(ids))
+        return inv
+
+
+def _user_counts(cfg: SyntheticInteractions, rng: np.random.Generator) -> np.ndarray:
+    """Lognormal per-user counts in [min(5, cap), cap], cap = n_items // 2, summing to ~n_interactions."""
+    cap = max(1, cfg.n_items // 2)
+    lo = min(5, cap)
+    raw = rng.lognormal(0.0, 1.0, cfg.n_users)
+    a, b = 0.0, cap / raw.min()  # totals at the ends of the bracket: n_users * lo, n_users * cap
+    for _ in range(64):  # bisection on the scale; the total is monotone in it
+        mid = 0.5 * (a + b)
+        a, b = (mid, b) if np.clip(np.rint(mid * raw), lo, cap).sum() < cfg.n_interactions else (a, mid)
+    return np.clip(np.rint(b * raw), lo, cap).astype(np.int64)
+
+
+def planted_interactions(cfg: SyntheticInteractions) -> PlantedInteractions:
+    """The planted factors, popularity and per-user counts that :func:`generate_interactions` uses.
+
+    Args:
+        cfg: generator settings; only ``seed`` and the sizes matter, not ``chunk_users``.
+
+    Returns:
+        The :class:`PlantedInteractions` of ``cfg`` (deterministic for ``cfg.seed``).
+
+    Example:
+        >>> p = planted_interactions(SyntheticInteractions(n_users=10, n_items=20))
+        >>> p.user_factors.shape, int(p.counts.min())
+        ((10, 16), 5)
+    """
+    cfg.validate()
+    rng = np.random.default_rng([cfg.seed, 0])
+    centres = rng.normal(0.0, 1.0 / np.sqrt(cfg.dim), (cfg.n_clusters, cfg.dim))
+    user_clusters = rng.integers(0, cfg.n_clusters, cfg.n_users)
+    item_clusters = rng.integers(0, cfg.n_clusters, cfg.n_items)
+    users = centres[user_clusters] + rng.normal(0.0, cfg.user_noise / np.sqrt(cfg.dim), (cfg.n_users, cfg.dim))
+    items = centres[item_clusters] + rng.normal(0.0, cfg.item_noise / np.sqrt(cfg.dim), (cfg.n_items, cfg.dim))
+    return PlantedInteractions(
+        user_ids=_ID_OFFSET + rng.permutation(cfg.n_users).astype(np.int64),
+        item_ids=_ID_OFFSET + rng.permutation(cfg.n_items).astype(np.int64),
+        user_factors=users,
+        item_factors=items,
+        user_clusters=user_clusters,
+        item_clusters=item_clusters,
+        centres=centres,
+        log_popularity=_zipf_log_weights(cfg.n_items, cfg.popularity_exponent, rng),
+        counts=_user_counts(cfg, rng),
+        affinity=float(cfg.affinity),
+    )
+
+
+class _ItemSampler:
+    """Draws each user's distinct items from the planted Plackett-Luce law.
+
+    Taking the top-k of ``logits + Gumbel noise`` (the Gumbel-top-k trick) and keeping the first
+    k distinct items of i.i.d. draws from ``softmax(logits)`` give the same distribution
+    (successive sampling without replacement). Dense Gumbel-top-k costs O(n_items) random numbers
+    per user, too slow for 10^5 x 10^5, so i.i.d. draws come from rejection sampling: propose from
+    the user's cluster-level law ``q_g(i) ∝ pop_i exp(a c_g.v_i)`` and accept with probability
+    ``exp(a d_u.v_i - bound_u)``, ``d_u = u - c_g``, ``bound_u >= max_i a d_u.v_i``. Users still
+    short after ``_ROUNDS`` rounds (heavy users of skewed laws) finish with dense Gumbel-top-k over
+    their remaining items, which is exact: the rest of a Plackett-Luce sample is Plackett-Luce.
+    """
+
+    def __init__(self, p: PlantedInteractions, chunk_users: int) -> None:
+        self.p, self.n_items = p, len(p.item_ids)
+        logq = p.affinity * (p.centres @ p.item_factors.T) + p.log_popularity  # (n_clusters, n_items)
+        q = np.exp(logq - logq.max(axis=1, keepdims=True))
+        cdf = np.cumsum(q, axis=1)
+        cdf /= cdf[:, -1:]
+        cdf[:, -1] = 1.0
+        self.cdf = (cdf + np.arange(len(cdf))[:, None]).ravel()  # block g holds g + cdf_g: one search
+        self.delta = p.user_factors - p.centres[p.user_clusters]
+        eps_max = np.linalg.norm(p.item_factors - p.centres[p.item_clusters], axis=1).max()
+        self.bound = p.affinity * ((self.delta @ p.centres.T).max(axis=1)
+                                   + np.linalg.norm(self.delta, axis=1) * eps_max)
+        self.taken = np.zeros((chunk_users, self.n_items), dtype=bool)  # reset after every chunk
+
+    def sample(self, users: np.ndarray, rng: np.random.Generator, rounds: int = _ROUNDS
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct items of ``users`` (consecutive user indices), ``counts[u]`` each.
+
+        Returns:
+            (local user position, item index) int64 arrays, grouped by user in sampling order.
+        """
+        p, n, taken = self.p, self.n_items, self.taken
+        need = p.counts[users].copy()
+        rate = np.exp(-self.bound[users])  # estimated yield of distinct new items per draw
+        out_u, out_i = [], []
+        for _ in range(rounds):
+            active = np.flatnonzero(need > 0)
+            if not len(active):
+                break
+            m = np.minimum(np.ceil(1.5 * need[active] / rate[active]) + 8, 4 * n + 64)
+            m = np.maximum(1, m * min(1.0, _DRAWS_PER_ROUND / m.sum())).astype(np.int64)
+            du = np.repeat(active, m)  # draws of a user are contiguous, in draw order
+            gu = users[du]
+            g = p.user_clusters[gu]
+            it = np.minimum(np.searchsorted(self.cdf, g + rng.random(len(du)), side="right") - g * n, n - 1)
+            x = p.affinity * np.einsum("ij,ij->i", self.delta[gu], p.item_factors[it]) - self.bound[gu]
+            keep = (np.log(rng.random(len(du))) < x) & ~taken[du, it]
+            du, it = du[keep], it[keep]
+            first = np.sort(np.unique(du * n + it, return_index=True)[1])  # first occurrences
+            du, it = du[first], it[first]
+            distinct = np.bincount(du, minlength=len(users))
+            rank = np.arange(len(du)) - np.searchsorted(du, du)
+            keep = rank < need[du]
+            du, it = du[keep], it[keep]
+            taken[du, it] = True
+            out_u.append(du)
+            out_i.append(it)
+            need -= np.bincount(du, minlength=len(users))
+            rate[active] = np.maximum(distinct[active] / m, 1e-4)
+        rest = np.flatnonzero(need > 0)
+        for lo in range(0, len(rest), max(1, _CELL_BUDGET // n)):  # dense Gumbel-top-k fallback
+            r = rest[lo: lo + max(1, _CELL_BUDGET // n)]
+            s = p.scores(users[r]) - np.log(rng.standard_exponential((len(r), n)))
+            s[taken[r]] = -np.inf
+            k = int(need[r].max())
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(r), 1))
+            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, axis=1), axis=1), axis=1)
+            mask = np.arange(k) < need[r][:, None]
+            out_u.append(np.broadcast_to(r[:, None], top.shape)[mask])
+            out_i.append(top[mask])
+            taken[out_u[-1], out_i[-1]] = True
+        du, it = np.concatenate(out_u), np.concatenate(out_i)
+        taken[du, it] = False
+        return du, it
+
+
+def generate_interactions(cfg: SyntheticInteractions, path: str | Path) -> dict:
+    """Write a synthetic interactions table to Parquet, one row group per chunk of users.
+
+    Rows are grouped by user, in time order within a user; ``user_id`` and ``item_id`` are raw ids
+    (``1000 +`` a seeded permutation of the indices), ``timestamp`` is int64 seconds, strictly
+    increasing per user and independent of the item order (the order of a user's items is random).
+
+    Args:
+        cfg: generator settings.
+        path: output Parquet file (parent directories are created).
+
+    Returns:
+        ``{"path", "rows", "users", "items", "row_groups"}``; users and items count distinct ids
+        present in the file.
+
+    Example:
+        >>> stats = generate_interactions(SyntheticInteractions(n_users=200, n_items=100,
+        ...                                                     n_interactions=5000), "/tmp/i.parquet")
+        >>> sorted(stats)
+        ['items', 'path', 'row_groups', 'rows', 'users']
+    """
+    cfg.validate()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    p = planted_interactions(cfg)
+    chunk = cfg.resolved_chunk_users
+    sampler = _ItemSampler(p, chunk)
+    schema = pa.schema([(RAW_USER, pa.int64()), (RAW_ITEM, pa.int64()), (TIMESTAMP, pa.int64())])
+    seen = np.zeros(cfg.n_items, dtype=bool)
+    rows = groups = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for c, lo in enumerate(range(0, cfg.n_users, chunk)):
+            rng = np.random.default_rng([cfg.seed, 1, c])
+            users = np.arange(lo, min(lo + chunk, cfg.n_users))
+            du, it = sampler.sample(users, rng)
+            order = np.lexsort((rng.random(len(du)), du))  # by user, random order within a user
+            du, it = du[order], it[order]
+            gaps = np.cumsum(1 + rng.exponential(43_200.0, len(du)).astype(np.int64))
+            starts = np.searchsorted(du, np.arange(len(users)))
+            before = np.concatenate([[0], gaps])[starts]  # cumulative gap before each user's block
+            start = _T0 + rng.integers(0, 365 * 86_400, len(users))
+            ts = start[du] + gaps - before[du]
+            seen[it] = True
+            writer.write_table(pa.table([p.user_ids[users[du]], p.item_ids[it], ts], schema=schema))
+            rows += len(du)
+            groups += 1
+    return {"path": str(path), "rows": rows, "users": cfg.n_users, "items": int(seen.sum()),
+            "row_groups": groups}

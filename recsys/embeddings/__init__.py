@@ -1,0 +1,1 @@
+"""Embedding tables: specs, compression methods, the collection, memory accounting."""

@@ -1,0 +1,45 @@
+"""Memory of embedding tables, measured from the real tensors (sharded or not)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+TABLE_KEYS = ("embedding_bags.", "embeddings.")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes held by ``tensor`` on this rank (local shards of a ShardedTensor / DTensor)."""
+    if isinstance(tensor, ShardedTensor):
+        return sum(s.tensor.numel() * s.tensor.element_size() for s in tensor.local_shards())
+    if hasattr(tensor, "to_local"):
+        tensor = tensor.to_local()
+    return tensor.numel() * tensor.element_size()
+
+
+def table_memory(module: nn.Module) -> dict[str, int]:
+    """Bytes per embedding table of ``module``, summed over all ranks.
+
+    Tables are the state-dict entries of TorchRec embedding modules (``...embedding_bags.<t>.weight``
+    or ``...embeddings.<t>.weight``); the key is the table name.
+
+    Example:
+        >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+        >>> ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])])
+        >>> table_memory(ebc)
+        {'t': 160}
+    """
+    sizes: dict[str, int] = {}
+    for key, value in module.state_dict().items():
+        for marker in TABLE_KEYS:
+            if marker in key and key.endswith(".weight"):
+                name = key.split(marker)[-1].rsplit(".weight", 1)[0]
+                sizes[name] = sizes.get(name, 0) + tensor_bytes(value)
+    if dist.is_initialized() and dist.get_world_size() > 1 and sizes:
+        names = sorted(sizes)
+        totals = torch.tensor([sizes[n] for n in names], dtype=torch.int64)
+        dist.all_reduce(totals)
+        sizes = dict(zip(names, totals.tolist()))
+    return sizes

@@ -1,0 +1,14 @@
+"""Offline evaluation: full-ranking top-k metrics, CTR metrics and a popularity baseline.
+
+Example:
+    >>> from recsys.evaluation import PopularityScorer, evaluate_ranking
+    >>> # metrics = evaluate_ranking(PopularityScorer(train), train, test, ks=(10, 20))
+"""
+
+from __future__ import annotations
+
+from recsys.evaluation.ctr import ctr_metrics
+from recsys.evaluation.popularity import PopularityScorer
+from recsys.evaluation.ranking import evaluate_ranking, ranking_metric_names, top_k
+
+__all__ = ["PopularityScorer", "ctr_metrics", "evaluate_ranking", "ranking_metric_names", "top_k"]

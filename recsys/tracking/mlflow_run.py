@@ -1,0 +1,108 @@
+"""MLflow runs: a local SQLite store by default, a tracking server when ``uri`` is set."""
+
+from __future__ import annotations
+
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import mlflow
+import torch.distributed as dist
+from mlflow.tracking import MlflowClient
+
+_UNSAFE = re.compile(r"[^0-9A-Za-z_\-. /]")
+
+
+def metric_name(name: str) -> str:
+    """MLflow-safe metric name: ``recall@20`` -> ``recall_at_20``."""
+    return _UNSAFE.sub("_", name.replace("@", "_at_"))
+
+
+def flatten(config: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {"a.b.c": "value"} (lists kept as their string form)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+class Run:
+    """Logs into one active MLflow run; a no-op on ranks other than 0.
+
+    Args:
+        active: whether this process logs (rank 0).
+    """
+
+    def __init__(self, active: bool):
+        self.active = active
+        self.id = mlflow.active_run().info.run_id if active else None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, prefix: str = "") -> None:
+        if self.active:
+            mlflow.log_metrics({metric_name(prefix + k): float(v) for k, v in metrics.items()}, step=step)
+
+    def log_params(self, params: Mapping) -> None:
+        if self.active:
+            mlflow.log_params(flatten(params))
+
+    def log_dict(self, data: dict, name: str) -> None:
+        if self.active:
+            mlflow.log_dict(data, name)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        if self.active:
+            mlflow.log_artifact(str(path), folder)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.active:
+            mlflow.set_tags(dict(tags))
+
+
+class Tracker:
+    """Where runs are recorded.
+
+    Args:
+        uri: tracking URI; None uses ``sqlite:///<root>/mlflow.db``.
+        experiment: experiment name (created on first use).
+        root: directory of the default SQLite store and artifact folder (default: cwd).
+
+    Example:
+        >>> tracker = Tracker(experiment="demo", root="/tmp/mlflow-example")  # doctest: +SKIP
+        >>> with tracker.start("run-1", {"model": {"dim": 8}}) as run:        # doctest: +SKIP
+        ...     run.log_metrics({"recall@20": 0.3})
+    """
+
+    def __init__(self, uri: str | None = None, experiment: str = "recsys", root: str | None = None):
+        self.root = Path(root or Path.cwd()).resolve()
+        self.uri = uri or f"sqlite:///{self.root / 'mlflow.db'}"
+        self.experiment = experiment
+
+    def experiment_id(self) -> str:
+        mlflow.set_tracking_uri(self.uri)
+        client = MlflowClient(self.uri)
+        found = client.get_experiment_by_name(self.experiment)
+        if found:
+            return found.experiment_id
+        location = (self.root / "mlartifacts").as_uri() if self.uri.startswith("sqlite:") else None
+        return client.create_experiment(self.experiment, artifact_location=location)
+
+    @contextmanager
+    def start(self, run_name: str | None, config: Mapping, tags: Mapping[str, str] | None = None) -> Iterator[Run]:
+        """Starts a run with the flattened ``config`` as params and the full config as an artifact."""
+        if dist.is_initialized() and dist.get_rank() != 0:
+            yield Run(active=False)
+            return
+        began = time.perf_counter()
+        with mlflow.start_run(experiment_id=self.experiment_id(), run_name=run_name):
+            run = Run(active=True)
+            run.log_params(config)
+            run.log_dict(dict(config), "config.yaml")
+            run.set_tags(tags or {})
+            yield run
+            run.log_metrics({"wall_seconds": time.perf_counter() - began})

@@ -1,0 +1,1 @@
+"""Online serving (HTTP API for /recommend, /score, /similar): built in a later milestone."""
