@@ -101,9 +101,9 @@ def materialize(source: SourceConfig) -> tuple[str, Path]:
     settings = json.dumps(asdict(source.generator), sort_keys=True, default=str)
     if not (path.is_file() and stamp.is_file() and stamp.read_text() == settings):
         path.parent.mkdir(parents=True, exist_ok=True)
-        from recsys.data.synthetic import SyntheticCTR, generate_ctr, generate_interactions
-        generate = generate_ctr if isinstance(source.generator, SyntheticCTR) else generate_interactions
-        generate(source.generator, path)
+        from recsys.data import synthetic
+        kind = "ctr" if isinstance(source.generator, getattr(synthetic, "SyntheticCTR", ())) else "interactions"
+        getattr(synthetic, f"generate_{kind}")(source.generator, path)
         stamp.write_text(settings)
     return "parquet", path
 

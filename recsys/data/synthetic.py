@@ -33,6 +33,7 @@ from recsys.errors import ConfigError
 _CELL_BUDGET = 50_000_000  # user x item cells per chunk (~200 MB of float32)
 _ROUNDS = 6  # rejection-sampling rounds before the dense Gumbel-top-k fallback
 _DRAWS_PER_ROUND = 2_000_000  # proposals per round (memory bound of a round)
+_DENSE_DRAWS = 0.1  # a user needing more than this many draws per item goes dense
 _ID_OFFSET = 1000  # raw ids are offset + a seeded permutation: never the 0..n-1 indices
 _T0 = 1_600_000_000  # earliest timestamp (2020-09-13), seconds
 _CTR_ID_EXPONENT = 1.0  # Zipf exponent of the CTR sparse ids
@@ -242,9 +243,10 @@ class _ItemSampler:
     (successive sampling without replacement). Dense Gumbel-top-k costs O(n_items) random numbers
     per user, too slow for 10^5 x 10^5, so i.i.d. draws come from rejection sampling: propose from
     the user's cluster-level law ``q_g(i) ∝ pop_i exp(a c_g.v_i)`` and accept with probability
-    ``exp(a d_u.v_i - bound_u)``, ``d_u = u - c_g``, ``bound_u >= max_i a d_u.v_i``. Users still
-    short after ``_ROUNDS`` rounds (heavy users of skewed laws) finish with dense Gumbel-top-k over
-    their remaining items, which is exact: the rest of a Plackett-Luce sample is Plackett-Luce.
+    ``exp(a d_u.v_i - bound_u)``, ``d_u = u - c_g``, ``bound_u >= max_i a d_u.v_i``. Users whose
+    remaining items would need too many draws (heavy users, small catalogues) or still short after
+    ``_ROUNDS`` rounds finish with dense Gumbel-top-k over their remaining items, which is exact:
+    the rest of a Plackett-Luce sample is Plackett-Luce over the items not yet taken.
     """
 
     def __init__(self, p: PlantedInteractions, chunk_users: int) -> None:
@@ -256,9 +258,13 @@ class _ItemSampler:
         cdf[:, -1] = 1.0
         self.cdf = (cdf + np.arange(len(cdf))[:, None]).ravel()  # block g holds g + cdf_g: one search
         self.delta = p.user_factors - p.centres[p.user_clusters]
-        eps_max = np.linalg.norm(p.item_factors - p.centres[p.item_clusters], axis=1).max()
-        self.bound = p.affinity * ((self.delta @ p.centres.T).max(axis=1)
-                                   + np.linalg.norm(self.delta, axis=1) * eps_max)
+        # d.v_i = d.c_h + d.eps_i <= d.c_h + |d| max_{j in h} |eps_j|, h the cluster of item i
+        eps_max = np.zeros(len(p.centres))
+        np.maximum.at(eps_max, p.item_clusters, np.linalg.norm(p.item_factors - p.centres[p.item_clusters], axis=1))
+        self.bound = p.affinity * (self.delta @ p.centres.T
+                                   + np.linalg.norm(self.delta, axis=1)[:, None] * eps_max).max(axis=1)
+        self.delta32 = (p.affinity * self.delta).astype(np.float32)  # float32: faster gathers
+        self.items32 = p.item_factors.astype(np.float32)
         self.taken = np.zeros((chunk_users, self.n_items), dtype=bool)  # reset after every chunk
 
     def sample(self, users: np.ndarray, rng: np.random.Generator, rounds: int = _ROUNDS
@@ -271,18 +277,26 @@ class _ItemSampler:
         p, n, taken = self.p, self.n_items, self.taken
         need = p.counts[users].copy()
         rate = np.exp(-self.bound[users])  # estimated yield of distinct new items per draw
+        dense = np.zeros(len(users), dtype=bool)  # users left to the dense fallback
         out_u, out_i = [], []
         for _ in range(rounds):
-            active = np.flatnonzero(need > 0)
+            active = np.flatnonzero((need > 0) & ~dense)
+            m = np.ceil(1.5 * need[active] / rate[active]) + 8
+            costly = m > _DENSE_DRAWS * n  # a draw costs ~10x a dense cell: go dense instead
+            dense[active[costly]] = True
+            active, m = active[~costly], m[~costly]
             if not len(active):
                 break
-            m = np.minimum(np.ceil(1.5 * need[active] / rate[active]) + 8, 4 * n + 64)
             m = np.maximum(1, m * min(1.0, _DRAWS_PER_ROUND / m.sum())).astype(np.int64)
             du = np.repeat(active, m)  # draws of a user are contiguous, in draw order
             gu = users[du]
             g = p.user_clusters[gu]
-            it = np.minimum(np.searchsorted(self.cdf, g + rng.random(len(du)), side="right") - g * n, n - 1)
-            x = p.affinity * np.einsum("ij,ij->i", self.delta[gu], p.item_factors[it]) - self.bound[gu]
+            u = g + rng.random(len(du))
+            order = np.argsort(u)  # sorted queries are cache friendly: ~4x faster than random ones
+            it = np.empty_like(du)
+            it[order] = np.searchsorted(self.cdf, u[order], side="right")
+            it = np.minimum(it - g * n, n - 1)
+            x = np.einsum("ij,ij->i", self.delta32[gu], self.items32[it]) - self.bound[gu]
             keep = (np.log(rng.random(len(du))) < x) & ~taken[du, it]
             du, it = du[keep], it[keep]
             first = np.sort(np.unique(du * n + it, return_index=True)[1])  # first occurrences

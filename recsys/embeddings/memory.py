@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-TABLE_KEYS = ("embedding_bags.", "embeddings.")
+TABLE_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -33,10 +35,8 @@ def table_memory(module: nn.Module) -> dict[str, int]:
     """
     sizes: dict[str, int] = {}
     for key, value in module.state_dict().items():
-        for marker in TABLE_KEYS:
-            if marker in key and key.endswith(".weight"):
-                name = key.split(marker)[-1].rsplit(".weight", 1)[0]
-                sizes[name] = sizes.get(name, 0) + tensor_bytes(value)
+        if match := TABLE_KEY.search(key):
+            sizes[match[1]] = sizes.get(match[1], 0) + tensor_bytes(value)
     if dist.is_initialized() and dist.get_world_size() > 1 and sizes:
         names = sorted(sizes)
         totals = torch.tensor([sizes[n] for n in names], dtype=torch.int64)

@@ -18,6 +18,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -109,7 +110,8 @@ def shard(model: nn.Module, sharding: ShardingConfig | None = None) -> Distribut
     sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     topology = Topology(world_size=dist.get_world_size(), compute_device=dev.type,
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(model, sharding or ShardingConfig()))
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(model, sharding or ShardingConfig()),
+                                       storage_reservation=FixedPercentageStorageReservation(0.15))
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     return DistributedModelParallel(model, device=dev, plan=plan, sharders=sharders)
 
