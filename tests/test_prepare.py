@@ -45,7 +45,7 @@ def test_interactions_prepare_writes_splits_vocab_manifest_and_quarantine(tmp_pa
 
 def test_bad_fraction_over_the_limit_fails_with_a_clear_message(tmp_path):
     raw = _udata(tmp_path / "u.data", bad_lines=[(i, "x\ty\tz\tw") for i in range(0, 40, 4)])
-    with pytest.raises(DataError, match=r"u\.data.*limit"):
+    with pytest.raises(DataError, match=r"u\.data: 10 of 410 rows are bad .*above max_bad_fraction=0.01.*quarantine.jsonl"):
         prepare_interactions(SourceConfig("movielens", str(raw)), tmp_path / "p", InteractionFilters(),
                              SplitConfig(), max_bad_fraction=0.01)
     manifest = prepare_interactions(SourceConfig("movielens", str(raw)), tmp_path / "p", InteractionFilters(),
