@@ -13,9 +13,10 @@ user ``u`` with observed items ``I_u`` (``C_u`` = diag of its confidences):
     x_u = A_u^{-1} b_u
 
 Only the observed items enter the per-row terms; ``Y^T Y`` is shared. :func:`solve_rows` sorts the
-rows by their number of observed cells, takes batches whose padded ``(B, L, k)`` gather stays under
-a memory budget, and solves each batch with one batched Cholesky factorisation, so the Python loop
-runs over batches, never over users. Items are solved the same way from the transposed matrix.
+rows by their number of observed cells, cuts them into batches whose padded ``(B, L, k)`` gather
+stays under a memory budget and wastes little on padding (:func:`row_batches`), and solves each
+batch with one batched Cholesky factorisation, so the Python loop runs over batches, never over
+users. Items are solved the same way from the transposed matrix.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from recsys.errors import ConfigError
 from recsys.training.loop import TrainerConfig
 
 MAX_BATCH_ELEMENTS = 64 * 2**20  # floats of one batch's padded gather plus its k x k systems
+PADDING_SLACK = 1 << 16  # padding cells allowed per batch on top of max_padding
 _LOSS_CHUNK = 1 << 20  # observed cells per chunk of the loss computation
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -46,48 +48,50 @@ def _csr_tensors(matrix: sp.spmatrix) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def row_batches(lengths: np.ndarray, k: int, max_elements: int = MAX_BATCH_ELEMENTS,
-                max_padding: float = 0.25) -> list[np.ndarray]:
-    """Groups the rows with at least one entry into batches of similar length.
+                max_padding: float = 0.25, padding_slack: int = PADDING_SLACK) -> list[np.ndarray]:
+    """Groups the rows with at least one entry into few batches of similar length.
 
-    Rows are sorted by length (stable) and cut into geometric length buckets (within a bucket the
-    longest row is at most ``1 + max_padding`` times the shortest, which bounds the padding waste);
-    a bucket is then cut into batches whose cost ``B * (L * k + k * k)`` (``B`` rows, longest row
-    ``L``) is at most ``max_elements`` (a batch holds at least one row whatever its cost). The
-    Python loop runs over buckets and batches, never over rows.
+    Rows are sorted by length (stable) and cut greedily: a batch of ``B`` rows whose longest row
+    has ``L`` entries grows while its cost ``B * (L * k + k * k)`` stays at most ``max_elements``
+    and its padded size ``B * L`` stays at most ``(1 + max_padding)`` times its real entries plus
+    ``padding_slack`` cells (a batch holds at least one row whatever its cost). The slack merges
+    the many short rows into a few batches: each batch is one batched factorisation, whose fixed
+    cost dominates when the rows are short. The loop runs over batches, never over rows.
 
     Args:
         lengths: number of stored entries of each row, shape (n_rows,).
         k: number of factors.
         max_elements: memory budget of one batch, in elements.
-        max_padding: padding allowed per bucket, as a fraction of its shortest row (> 0).
+        max_padding: padding allowed beyond the slack, as a fraction of the batch's entries.
+        padding_slack: padding cells always allowed per batch.
 
     Returns:
         Row index arrays, one per batch, in increasing order of length; empty rows are left out.
 
     Example:
-        >>> [b.tolist() for b in row_batches(np.array([0, 9, 1, 1, 1, 10]), k=1, max_elements=20)]
-        [[2, 3, 4], [1], [5]]
-        >>> [b.tolist() for b in row_batches(np.array([0, 9, 1, 1, 1, 10]), k=1, max_elements=4)]
+        >>> lengths = np.array([0, 9, 1, 1, 1, 10])
+        >>> [b.tolist() for b in row_batches(lengths, k=1, max_elements=100, padding_slack=0)]
+        [[2, 3, 4], [1, 5]]
+        >>> [b.tolist() for b in row_batches(lengths, k=1, max_elements=4, padding_slack=0)]
         [[2, 3], [4], [1], [5]]
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     order = np.argsort(lengths, kind="stable")
     order = order[lengths[order] > 0]
     sorted_lengths = lengths[order]
-    buckets = np.floor(np.log(sorted_lengths) / np.log1p(max_padding)).astype(np.int64)
-    edges = np.concatenate([[0], np.flatnonzero(np.diff(buckets)) + 1, [len(order)]])
-    batches = []
-    for start, stop in zip(edges[:-1], edges[1:]):
-        while start < stop:
-            lo, hi = start + 1, stop  # largest end in [lo, hi] within budget (start + 1 always allowed)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if (mid - start) * (int(sorted_lengths[mid - 1]) * k + k * k) <= max_elements:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            batches.append(order[start:lo])
-            start = lo
+    cumulative = np.concatenate([[0], np.cumsum(sorted_lengths)])
+    window = max(1, max_elements // (k * k + k))  # no batch can hold more rows than this
+    batches, start, n = [], 0, len(order)
+    while start < n:
+        ends = np.arange(start + 1, min(n, start + window) + 1)
+        rows, longest = ends - start, sorted_lengths[ends - 1]
+        ok = ((rows * (longest * k + k * k) <= max_elements)
+              & (rows * longest <= (1 + max_padding) * (cumulative[ends] - cumulative[start]) + padding_slack))
+        ok[0] = True
+        failed = np.flatnonzero(~ok)
+        stop = start + (int(failed[0]) if len(failed) else len(ends))
+        batches.append(order[start:stop])
+        start = stop
     return batches
 
 
@@ -215,7 +219,8 @@ class ImplicitALS:
         trainer: loop settings; ``trainer.seed`` seeds the initial factors.
         factors: number of latent factors k (>= 1).
         regularization: L2 weight lambda on all factors (>= 0).
-        alpha: confidence weight, c_ui = 1 + alpha * r_ui (>= 0).
+        alpha: confidence weight, c_ui = 1 + alpha * r_ui (>= 0). The ``implicit`` library's
+            confidence is its alpha times r_ui, so on 0/1 data its ``alpha=a`` is ``alpha=a - 1`` here.
         init_scale: initial factors are standard normal times this (>= 0).
         dtype: ``float32`` (default) or ``float64``; the dtype of the factors and the solves.
 
