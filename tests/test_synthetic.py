@@ -58,7 +58,8 @@ def test_interactions_deterministic(tmp_path):
     cfg = SyntheticInteractions(**SMALL)
     a = pq.read_table(generate_interactions(cfg, tmp_path / "a.parquet")["path"])
     b = pq.read_table(generate_interactions(cfg, tmp_path / "b.parquet")["path"])
-    c = pq.read_table(generate_interactions(SyntheticInteractions(**{**SMALL, "seed": 1}), tmp_path / "c.parquet")["path"])
+    other = SyntheticInteractions(**{**SMALL, "seed": 1})
+    c = pq.read_table(generate_interactions(other, tmp_path / "c.parquet")["path"])
     assert a.equals(b)
     assert not a.equals(c)
 
@@ -103,6 +104,16 @@ def test_rejection_sampler_matches_dense_gumbel_top_k(monkeypatch):
     assert not sampler.taken.any()  # the scratch mask is reset
     a, b = np.bincount(fast, minlength=cfg.n_items), np.bincount(dense, minlength=cfg.n_items)
     assert np.abs((a - b) / np.sqrt(a + b + 1)).max() < 5
+    # personal taste: mean of d_u.v_i over the sampled pairs (d_u = u - its cluster centre), with
+    # its standard error over users; ~0 if the per-user acceptance step were skipped
+    delta = p.user_factors - p.centres[p.user_clusters]
+
+    def taste(d, it):
+        per_user = np.bincount(d, np.einsum("ij,ij->i", delta[d], p.item_factors[it]), cfg.n_users)
+        return per_user.sum() / len(d), np.sqrt(cfg.n_users) * per_user.std() / len(d)
+
+    (m1, se1), (m2, se2) = taste(du, fast), taste(dv, dense)
+    assert m2 > 20 * se2 and abs(m1 - m2) < 5 * np.hypot(se1, se2)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ always writes the same file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -27,17 +28,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
-from recsys.data.schemas import LABEL, RAW_ITEM, RAW_USER, TIMESTAMP, CTRSchema
+from recsys.data.schemas import RAW_ITEM, RAW_USER, TIMESTAMP, CTRSchema
 from recsys.errors import ConfigError
 
 _CELL_BUDGET = 50_000_000  # user x item cells per chunk (~200 MB of float32)
 _ROUNDS = 6  # rejection-sampling rounds before the dense Gumbel-top-k fallback
-_DRAWS_PER_ROUND = 2_000_000  # proposals per round (memory bound of a round)
+_DRAWS_PER_ROUND = 1_000_000  # proposals per round (~200 MB of temporaries)
 _DENSE_DRAWS = 0.1  # a user needing more than this many draws per item goes dense
 _ID_OFFSET = 1000  # raw ids are offset + a seeded permutation: never the 0..n-1 indices
 _T0 = 1_600_000_000  # earliest timestamp (2020-09-13), seconds
 _CTR_ID_EXPONENT = 1.0  # Zipf exponent of the CTR sparse ids
-_CTR_LINEAR_STD, _CTR_EMB_STD, _CTR_DENSE_STD, _CTR_TAG_STD = 0.5, 1.4, 0.3, 0.6
+_CTR_LINEAR_STD, _CTR_EMB_STD, _CTR_DENSE_STD, _CTR_TAG_STD = 0.4, 0.9, 0.3, 0.6
 _CALIBRATION_ROWS = 200_000
 
 
@@ -101,9 +102,9 @@ class SyntheticInteractions:
     n_interactions: int = 100_000
     n_clusters: int = 10
     dim: int = 16
-    popularity_exponent: float = 1.0
-    affinity: float = 4.0
-    user_noise: float = 0.3
+    popularity_exponent: float = 1.2
+    affinity: float = 5.0
+    user_noise: float = 0.1
     item_noise: float = 1.0
     seed: int = 0
     chunk_users: int | None = None
@@ -210,9 +211,9 @@ def planted_interactions(cfg: SyntheticInteractions) -> PlantedInteractions:
         The :class:`PlantedInteractions` of ``cfg`` (deterministic for ``cfg.seed``).
 
     Example:
-        >>> p = planted_interactions(SyntheticInteractions(n_users=10, n_items=20))
-        >>> p.user_factors.shape, int(p.counts.min())
-        ((10, 16), 5)
+        >>> p = planted_interactions(SyntheticInteractions(n_users=10, n_items=20, n_interactions=60))
+        >>> p.user_factors.shape, int(p.counts.sum())
+        ((10, 16), 60)
     """
     cfg.validate()
     rng = np.random.default_rng([cfg.seed, 0])
@@ -310,13 +311,14 @@ class _ItemSampler:
             out_i.append(it)
             need -= np.bincount(du, minlength=len(users))
             rate[active] = np.maximum(distinct[active] / m, 1e-4)
-        rest = np.flatnonzero(need > 0)
-        for lo in range(0, len(rest), max(1, _CELL_BUDGET // n)):  # dense Gumbel-top-k fallback
-            r = rest[lo: lo + max(1, _CELL_BUDGET // n)]
-            s = p.scores(users[r]) - np.log(rng.standard_exponential((len(r), n)))
+        rest, step = np.flatnonzero(need > 0), max(1, _CELL_BUDGET // (4 * n))  # 3 arrays of 8 bytes
+        for lo in range(0, len(rest), step):  # dense Gumbel-top-k over the items not taken yet
+            r = rest[lo: lo + step]
+            s = p.scores(users[r])
+            s -= np.log(rng.standard_exponential(s.shape))  # + Gumbel(0, 1) noise
             s[taken[r]] = -np.inf
             k = int(need[r].max())
-            top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(r), 1))
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
             top = np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, axis=1), axis=1), axis=1)
             mask = np.arange(k) < need[r][:, None]
             out_u.append(np.broadcast_to(r[:, None], top.shape)[mask])
@@ -375,3 +377,188 @@ def generate_interactions(cfg: SyntheticInteractions, path: str | Path) -> dict:
             groups += 1
     return {"path": str(path), "rows": rows, "users": cfg.n_users, "items": int(seen.sum()),
             "row_groups": groups}
+
+
+# --------------------------------------------------------------------------------------------
+# CTR
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticCTR:
+    """Settings of the synthetic click-through-rate generator.
+
+    Args:
+        n_rows: number of rows (impressions).
+        n_dense: number of dense float32 columns ``d0..``.
+        cardinalities: vocabulary size of each single-valued sparse column ``s0..``.
+        multi_valued_cardinality: vocabulary size of the multi-valued ``tags`` column (0 = none).
+        max_tags: maximum number of ids in a ``tags`` cell (each cell holds 1..max_tags).
+        dim: dimension of the planted embeddings of the crossed fields.
+        n_crosses: number of planted pairwise crosses ``<e_a(id_a), e_b(id_b)>`` between sparse
+            fields (at most ``k (k - 1) / 2`` for ``k`` fields).
+        base_rate: approximate click rate (the planted bias is calibrated to it).
+        seed: seed of everything; the same config always writes the same file.
+        chunk_rows: rows generated per chunk (one Parquet row group each).
+
+    Example:
+        >>> stats = generate_ctr(SyntheticCTR(n_rows=10_000), "/tmp/ctr.parquet")
+        >>> stats["schema"]["sparse"]
+        ['s0', 's1', 's2', 's3', 's4', 's5']
+    """
+
+    n_rows: int = 200_000
+    n_dense: int = 4
+    cardinalities: tuple[int, ...] = (1000, 500, 100, 50, 20, 10)
+    multi_valued_cardinality: int = 200
+    max_tags: int = 5
+    dim: int = 8
+    n_crosses: int = 3
+    base_rate: float = 0.2
+    seed: int = 0
+    chunk_rows: int = 200_000
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cardinalities, Sequence) and not isinstance(self.cardinalities, str):
+            self.cardinalities = tuple(self.cardinalities)  # lists from YAML / Hydra
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        owner = type(self).__name__
+        _check_ints(owner, self, {"n_rows": 1, "n_dense": 0, "multi_valued_cardinality": 0, "max_tags": 1,
+                                  "dim": 1, "n_crosses": 0, "seed": 0, "chunk_rows": 1})
+        cards = self.cardinalities
+        _require(isinstance(cards, tuple) and all(_is_int(c) and c >= 1 for c in cards), owner,
+                 "cardinalities", cards, "a tuple of integers >= 1")
+        pairs = len(cards) * (len(cards) - 1) // 2
+        _require(self.n_crosses <= pairs, owner, "n_crosses", self.n_crosses,
+                 f"at most {pairs} (the number of pairs of the {len(cards)} sparse fields)")
+        b = self.base_rate
+        _require(_is_num(b) and 0 < b < 1, owner, "base_rate", b, "a number strictly between 0 and 1")
+
+    @property
+    def schema(self) -> CTRSchema:
+        """The columns written: ``label``, ``d*``, ``s*`` and ``tags`` (if enabled)."""
+        return CTRSchema(dense=tuple(f"d{j}" for j in range(self.n_dense)),
+                         sparse=tuple(f"s{j}" for j in range(len(self.cardinalities))),
+                         multi_valued=("tags",) if self.multi_valued_cardinality else ())
+
+
+def _hash_ids(n: int, salt: int) -> np.ndarray:
+    """Distinct non-negative int64 raw ids for indices 0..n-1 (odd multiplier mod 2^62, xor salt)."""
+    x = (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) & np.uint64(2**62 - 1)
+    return (x ^ np.uint64(salt & (2**62 - 1))).astype(np.int64)
+
+
+def _zipf_cdf(n: int, rng: np.random.Generator) -> np.ndarray:
+    cdf = np.cumsum(np.exp(_zipf_log_weights(n, _CTR_ID_EXPONENT, rng)))
+    cdf[-1] = 1.0
+    return cdf
+
+
+def _draw(cdf: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    return np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), len(cdf) - 1)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+class _PlantedCTR:
+    """Planted parameters of :func:`generate_ctr`, drawn once from ``cfg.seed``."""
+
+    def __init__(self, cfg: SyntheticCTR) -> None:
+        rng = np.random.default_rng([cfg.seed, 0])
+        self.cfg = cfg
+        cards = cfg.cardinalities
+        self.ids = [_hash_ids(c, int(rng.integers(2**62))) for c in cards]
+        self.cdfs = [_zipf_cdf(c, rng) for c in cards]
+        self.linear = [rng.normal(0.0, _CTR_LINEAR_STD, c) for c in cards]
+        pairs = list(combinations(range(len(cards)), 2))
+        self.crosses = [pairs[j] for j in np.sort(rng.choice(len(pairs), cfg.n_crosses, replace=False))]
+        crossed = sorted({f for pair in self.crosses for f in pair})
+        self.emb = {f: rng.normal(0.0, _CTR_EMB_STD / np.sqrt(np.sqrt(cfg.dim)), (cards[f], cfg.dim)) for f in crossed}
+        self.dense_mu = rng.uniform(0.0, 3.0, cfg.n_dense)
+        self.dense_w = rng.normal(0.0, _CTR_DENSE_STD, cfg.n_dense)
+        t = cfg.multi_valued_cardinality
+        self.tag_ids = _hash_ids(t, int(rng.integers(2**62)))
+        self.tag_cdf = _zipf_cdf(t, rng) if t else None
+        self.tag_w = rng.normal(0.0, _CTR_TAG_STD, t)
+        z = self.rows(_CALIBRATION_ROWS, np.random.default_rng([cfg.seed, 2]))[1]
+        lo, hi = -30.0, 30.0
+        for _ in range(60):  # bisection: mean sigmoid(bias + z) is increasing in the bias
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if _sigmoid(mid + z).mean() < cfg.base_rate else (lo, mid)
+        self.bias = 0.5 * (lo + hi)
+
+    def rows(self, n: int, rng: np.random.Generator) -> tuple[list[pa.Array], np.ndarray]:
+        """``n`` rows of features (Arrow columns after ``label``) and their logits without the bias."""
+        cfg, cols = self.cfg, []
+        logit = np.zeros(n)
+        for j in range(cfg.n_dense):
+            d = np.floor(rng.lognormal(self.dense_mu[j], 1.0, n))
+            logit += self.dense_w[j] * (np.log1p(d) - self.dense_mu[j])
+            cols.append(pa.array(d.astype(np.float32)))
+        idx = [_draw(cdf, n, rng) for cdf in self.cdfs]
+        for f, i in enumerate(idx):
+            logit += self.linear[f][i]
+            cols.append(pa.array(self.ids[f][i]))
+        for a, b in self.crosses:
+            logit += np.einsum("ij,ij->i", self.emb[a][idx[a]], self.emb[b][idx[b]])
+        if self.tag_cdf is not None:
+            lengths = rng.integers(1, cfg.max_tags + 1, n)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            tags = _draw(self.tag_cdf, int(offsets[-1]), rng)
+            logit += np.add.reduceat(self.tag_w[tags], offsets[:-1]) / lengths
+            cols.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(self.tag_ids[tags])))
+        return cols, logit
+
+
+def generate_ctr(cfg: SyntheticCTR, path: str | Path) -> dict:
+    """Write a synthetic CTR table to Parquet, one row group per ``chunk_rows`` rows.
+
+    Columns (see :class:`~recsys.data.schemas.CTRSchema`): ``label`` int8, ``d0..`` float32
+    (non-negative lognormal counts), ``s0..`` int64 raw ids (hashed, not contiguous, Zipf
+    frequencies), ``tags`` list<int64> of 1..max_tags Zipf ids (drawn with replacement). The label
+    is Bernoulli(sigmoid(logit)), logit = bias + per-id linear weights + dense linear term +
+    planted pairwise crosses + mean-pooled tag weights.
+
+    ``planted_auc`` is sklearn's ``roc_auc_score`` of the labels against the true probabilities
+    over all rows; labels (int8) and probabilities (float32) are kept in memory for it, 5 bytes
+    a row (~250 MB for 50M rows, plus sklearn's temporary copies).
+
+    Args:
+        cfg: generator settings.
+        path: output Parquet file (parent directories are created).
+
+    Returns:
+        ``{"path", "rows", "row_groups", "positive_rate", "planted_auc", "bias", "crosses",
+        "schema"}``; ``crosses`` lists the crossed column pairs, ``schema`` is
+        ``CTRSchema.to_dict()``.
+
+    Example:
+        >>> stats = generate_ctr(SyntheticCTR(n_rows=20_000, seed=1), "/tmp/ctr.parquet")
+        >>> 0.15 < stats["positive_rate"] < 0.25
+        True
+    """
+    cfg.validate()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    planted = _PlantedCTR(cfg)
+    schema = cfg.schema
+    labels, probs = [], []
+    with pq.ParquetWriter(path, schema.prepared()) as writer:
+        for c, lo in enumerate(range(0, cfg.n_rows, cfg.chunk_rows)):
+            rng = np.random.default_rng([cfg.seed, 1, c])
+            cols, logit = planted.rows(min(cfg.chunk_rows, cfg.n_rows - lo), rng)
+            prob = _sigmoid(planted.bias + logit)
+            label = (rng.random(len(prob)) < prob).astype(np.int8)
+            writer.write_table(pa.Table.from_arrays([pa.array(label)] + cols, schema=schema.prepared()))
+            labels.append(label)
+            probs.append(prob.astype(np.float32))
+    y, p = np.concatenate(labels), np.concatenate(probs)
+    return {"path": str(path), "rows": len(y), "row_groups": len(labels), "positive_rate": float(y.mean()),
+            "planted_auc": float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan"),
+            "bias": planted.bias, "crosses": [(schema.sparse[a], schema.sparse[b]) for a, b in planted.crosses],
+            "schema": schema.to_dict()}
