@@ -32,6 +32,17 @@ def save(directory: str | Path, epoch: int, state: dict, meta: dict | None = Non
     return target
 
 
+def clear(directory: str | Path) -> None:
+    """Removes the checkpoints in ``directory`` (a fresh run must not resume from a stale one)."""
+    directory = Path(directory)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (directory / LATEST).unlink(missing_ok=True)
+        for old in directory.glob("epoch_*"):
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def latest(directory: str | Path) -> dict | None:
     """{"epoch", "path", "meta"} of the last complete checkpoint, or None."""
     pointer = Path(directory) / LATEST

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
@@ -16,6 +16,8 @@ from recsys.data.vocab import OOV
 from recsys.evaluation import evaluate_ranking
 from recsys.training import checkpoint
 from recsys.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,11 +81,12 @@ class Trainable(Protocol):
 
 def evaluate(model: Trainable | Callable, data: PreparedData, split: str, ks, batch_size: int = 1024) -> dict[str, float]:
     """Full-ranking metrics on ``split``, excluding items of the earlier splits and OOV."""
-    seen = [s for s in ("train", "valid") if s in data.splits and s != split][: 1 if split == "valid" else 2]
-    train = sum((data.matrix(s) for s in seen), sp.csr_matrix((data.n_users, data.n_items), dtype="float32"))
+    seen = data.matrix("train")
+    if split == "test" and "valid" in data.splits:
+        seen = (seen + data.matrix("valid")).tocsr()
     score = model.score_users if hasattr(model, "score_users") else model
     with torch.no_grad():
-        return evaluate_ranking(score, train.tocsr(), data.matrix(split), ks=ks, batch_size=batch_size, exclude_items=[OOV])
+        return evaluate_ranking(score, seen, data.matrix(split), ks=ks, batch_size=batch_size, exclude_items=[OOV])
 
 
 def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
@@ -95,11 +98,16 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
     """
     directory = Path(cfg.checkpoint_dir)
     start = 0
-    if cfg.resume and (info := checkpoint.latest(directory)):
+    if not cfg.resume:
+        checkpoint.clear(directory)
+    elif info := checkpoint.latest(directory):
         state = model.state()
         checkpoint.load(info["path"], state)
         model.load_state(state)
         start = info["epoch"] + 1
+        log.info("resumed from %s (epoch %d of %d done)", info["path"], start, cfg.epochs)
+    else:
+        log.warning("trainer.resume=true but %s holds no checkpoint: training from the start", directory)
     for epoch in range(start, cfg.epochs):
         began = time.perf_counter()
         with tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False) as bar:

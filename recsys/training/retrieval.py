@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torchrec import EmbeddingBagCollection
+from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 from tqdm.auto import tqdm
 
 from recsys.data.batching import ParquetBatches, interactions_to_batch, jagged
@@ -109,11 +109,10 @@ class MFRetrieval:
         return in_batch_softmax_loss(out[USER], out[ITEM], items, self.popularity.log_probabilities[items],
                                      self.temperature)
 
-    def _features(self, present: list[str], columns: list[torch.Tensor]):
+    def _features(self, present: list[str], columns: list[torch.Tensor]) -> KeyedJaggedTensor:
         """KJT over all FEATURES with empty bags for the ones not ``present``."""
         n = len(columns[0])
         lengths = torch.cat([torch.full((n,), int(f in present), dtype=torch.int32) for f in FEATURES])
-        from torchrec import KeyedJaggedTensor
         return KeyedJaggedTensor.from_lengths_sync(FEATURES, torch.cat(columns), lengths)
 
     @torch.no_grad()
