@@ -17,7 +17,7 @@ from recsys.evaluation import evaluate_ranking
 from recsys.training import checkpoint
 from recsys.errors import ConfigError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,9 +105,9 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
         checkpoint.load(info["path"], state)
         model.load_state(state)
         start = info["epoch"] + 1
-        log.info("resumed from %s (epoch %d of %d done)", info["path"], start, cfg.epochs)
+        logger.info("resumed from %s (epoch %d of %d done)", info["path"], start, cfg.epochs)
     else:
-        log.warning("trainer.resume=true but %s holds no checkpoint: training from the start", directory)
+        logger.warning("trainer.resume=true but %s holds no checkpoint: training from the start", directory)
     for epoch in range(start, cfg.epochs):
         began = time.perf_counter()
         with tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False) as bar:
