@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recsys.data.dataset import PreparedData
+from recsys.embeddings.memory import tensor_bytes
 from recsys.errors import ConfigError
 from recsys.training.loop import TrainerConfig
 
@@ -290,5 +291,4 @@ class ImplicitALS:
                 target.copy_(value)
 
     def memory(self) -> dict[str, int]:
-        return {"user": self.user_factors.numel() * self.user_factors.element_size(),
-                "item": self.item_factors.numel() * self.item_factors.element_size()}
+        return {"user": tensor_bytes(self.user_factors), "item": tensor_bytes(self.item_factors)}
