@@ -89,5 +89,11 @@ class PreparedData:
 
     def item_counts(self, split: str = "train") -> np.ndarray:
         """Interactions per item index in a split: shape (n_items,)."""
-        items = pq.read_table(self.path(split), columns=[ITEM])[ITEM].to_numpy()
-        return np.bincount(items, minlength=self.n_items)
+        return self._counts(split, ITEM, self.n_items)
+
+    def user_counts(self, split: str = "train") -> np.ndarray:
+        """Interactions per user index in a split: shape (n_users,)."""
+        return self._counts(split, USER, self.n_users)
+
+    def _counts(self, split: str, column: str, size: int) -> np.ndarray:
+        return np.bincount(pq.read_table(self.path(split), columns=[column])[column].to_numpy(), minlength=size)

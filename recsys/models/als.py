@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -36,8 +37,9 @@ from recsys.training.loop import TrainerConfig
 
 MAX_BATCH_ELEMENTS = 64 * 2**20  # floats of one batch's padded gather plus its k x k systems
 PADDING_SLACK = 1 << 16  # padding cells allowed per batch on top of max_padding
-_LOSS_CHUNK = 1 << 20  # observed cells per chunk of the loss computation
+_LOSS_CHUNK = 1 << 12  # observed cells per chunk of the loss: its float64 gathers stay in cache
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_SOLVERS = ("cholesky", "cg")
 
 
 def _csr_tensors(matrix: sp.spmatrix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,44 +98,124 @@ def row_batches(lengths: np.ndarray, k: int, max_elements: int = MAX_BATCH_ELEME
     return batches
 
 
-def _solve_batch(rows: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                 fixed: torch.Tensor, base: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Solutions ``(B, k)`` of the rows ``rows`` given the fixed factors and ``base = F^T F + lambda I``."""
-    starts, lengths = indptr[rows], indptr[rows + 1] - indptr[rows]
-    width = int(lengths.max())
-    offsets = torch.arange(width)
-    mask = offsets[None, :] < lengths[:, None]  # (B, L)
-    positions = torch.where(mask, starts[:, None] + offsets[None, :], 0)
-    cols = torch.where(mask, indices[positions], 0)
-    r = torch.where(mask, values[positions], 0.0).to(fixed.dtype)  # padding: r = 0, no effect on A
-    gathered = fixed.index_select(0, cols.reshape(-1)).view(*cols.shape, -1)  # (B, L, k)
-    confidence = torch.where(r > 0, 1.0 + alpha * r, 0.0)  # c_ui p_ui; zero on padding and r <= 0
-    a = base + torch.bmm(gathered.transpose(1, 2) * (alpha * r)[:, None, :], gathered)  # (B, k, k)
-    b = torch.bmm(confidence[:, None, :], gathered).transpose(1, 2)  # (B, k, 1)
+class RowBatch(NamedTuple):
+    """One batch of rows with its padded ``(B, L)`` gather indices, built once per matrix."""
+
+    rows: torch.Tensor  # (B,) int64 row indices
+    cols: torch.Tensor  # (B, L) int64 column of each entry; 0 on padding
+    values: torch.Tensor  # (B, L) float64 r_ui; 0 on padding, so padding adds nothing to A or b
+
+
+def gather_plan(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                batches: list[np.ndarray]) -> list[RowBatch]:
+    """The padded ``(B, L)`` column indices and values of each batch of :func:`row_batches`.
+
+    The matrix does not change between sweeps, so the model builds this once and every solve and
+    every loss reuses it; the per-batch work is then only the ``(B, L, k)`` gather of the factors.
+    """
+    plan = []
+    for rows in batches:
+        rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        starts, lengths = indptr[rows], indptr[rows + 1] - indptr[rows]
+        offsets = torch.arange(int(lengths.max()))
+        padding = offsets[None, :] >= lengths[:, None]  # (B, L)
+        positions = (starts[:, None] + offsets[None, :]).masked_fill_(padding, 0)
+        plan.append(RowBatch(rows, indices[positions].masked_fill_(padding, 0),
+                             values[positions].masked_fill_(padding, 0.0)))
+    return plan
+
+
+def _gather(batch: RowBatch, fixed: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Gathers the batch's fixed factors and folds the confidences into them.
+
+    Returns ``(g, weight, b)``: with ``w = alpha r`` (zero on padding), ``A_u = base + g_u^T diag(weight_u) g_u``
+    and ``b_u = sum (1 + alpha r_ui) [r_ui > 0] f_i``. When every ``w >= 0`` (always, for ``alpha >= 0`` and
+    ``r >= 0``) ``g`` is scaled in place by ``sqrt(w)`` and ``weight`` is None, so no other ``(B, L, k)``
+    tensor is made; ``b`` is taken from the unscaled gather first.
+    """
+    r = batch.values
+    w = (alpha * r).to(fixed.dtype)  # (B, L)
+    target = torch.where(r > 0, 1.0 + alpha * r, 0.0).to(fixed.dtype)  # c_ui p_ui; zero on padding and r <= 0
+    g = fixed.index_select(0, batch.cols.view(-1)).view(*batch.cols.shape, -1)  # (B, L, k)
+    b = torch.bmm(target.unsqueeze(1), g).squeeze(1)  # (B, k)
+    if bool((w >= 0).all()):
+        return g.mul_(w.sqrt_().unsqueeze(2)), None, b
+    return g, w.unsqueeze(2), b
+
+
+def _cholesky_batch(g: torch.Tensor, weight: torch.Tensor | None, b: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Exact solutions ``(B, k)`` by one batched Cholesky factorisation."""
+    a = torch.baddbmm(base, g.transpose(1, 2) if weight is None else (g * weight).transpose(1, 2), g)  # (B, k, k)
+    b = b.unsqueeze(2)
     factor, info = torch.linalg.cholesky_ex(a)
-    solution = torch.cholesky_solve(b, factor)
+    solution = torch.linalg.solve_triangular(factor, b, upper=False)
+    solution = torch.linalg.solve_triangular(factor.transpose(1, 2), solution, upper=True)
     bad = (info != 0) | ~torch.isfinite(solution).all(dim=(1, 2))
     if bad.any():  # not numerically positive definite in this precision: least squares in float64
         solution[bad] = torch.linalg.lstsq(a[bad].double(), b[bad].double()).solution.to(solution.dtype)
     return solution.squeeze(2)
 
 
+def _cg_batch(g: torch.Tensor, weight: torch.Tensor | None, b: torch.Tensor, base: torch.Tensor,
+              x: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` conjugate-gradient steps on ``A_u x_u = b_u`` from ``x`` (B, k), batched over rows.
+
+    ``A_u p = base p + g_u^T (weight_u * (g_u p))`` costs two passes over the ``(B, L, k)`` gather and never
+    forms ``A_u``. A row whose residual has vanished (relative to ``|b_u|``, in the solve's precision) stops.
+    """
+
+    def product(p: torch.Tensor) -> torch.Tensor:
+        s = torch.bmm(g, p.unsqueeze(2))  # (B, L, 1): f_i . p, times sqrt(w) twice or w once
+        if weight is not None:
+            s = s * weight
+        return torch.addmm(torch.bmm(s.transpose(1, 2), g).squeeze(1), p, base)  # base is symmetric
+
+    tiny = (torch.finfo(x.dtype).eps ** 2) * (b * b).sum(1)
+    residual = b - product(x)
+    direction = residual.clone()
+    rs = (residual * residual).sum(1)
+    for _ in range(steps):
+        active = rs > tiny
+        if not active.any():
+            break
+        ap = product(direction)
+        curvature = (direction * ap).sum(1)
+        step = torch.where(active & (curvature > 0), rs / curvature, 0.0)
+        x.addcmul_(step.unsqueeze(1), direction)
+        residual.addcmul_(step.unsqueeze(1), ap, value=-1.0)
+        rs_new = (residual * residual).sum(1)
+        beta = torch.where(active, rs_new / rs.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+        direction = residual + beta.unsqueeze(1) * direction
+        rs = rs_new
+    return x
+
+
 def solve_rows(matrix: sp.spmatrix, fixed: torch.Tensor, regularization: float, alpha: float,
                out: torch.Tensor | None = None, max_elements: int = MAX_BATCH_ELEMENTS,
-               progress: tqdm | None = None, _csr=None, _batches=None) -> torch.Tensor:
-    """Closed-form implicit-ALS solve of every row of ``matrix`` with the other side fixed.
+               progress: tqdm | None = None, solver: str = "cholesky", cg_steps: int = 3,
+               _csr=None, _batches=None, _plan=None) -> torch.Tensor:
+    """Implicit-ALS solve of every row of ``matrix`` with the other side fixed.
 
-    For row ``u`` with stored values ``r_ui``: ``x_u = (F^T F + lambda I + alpha sum r_ui f_i f_i^T)^-1
-    sum_{r_ui > 0} (1 + alpha r_ui) f_i``. Rows without entries get zero factors.
+    For row ``u`` with stored values ``r_ui``: ``x_u = A_u^-1 b_u`` with ``A_u = F^T F + lambda I + alpha sum
+    r_ui f_i f_i^T`` and ``b_u = sum_{r_ui > 0} (1 + alpha r_ui) f_i``. Rows without entries get zero factors.
+
+    ``solver="cholesky"`` solves every system exactly (a batched Cholesky factorisation, O(k^3) per row).
+    ``solver="cg"`` runs ``cg_steps`` conjugate-gradient steps per row instead (Takacs et al. 2011), at
+    O(L k) per step for a row of L entries, warm-started from ``out``: it only approximates ``A_u^-1 b_u``,
+    but each step lowers the row's objective, so alternating sweeps still converge.
 
     Args:
         matrix: (n_rows, n_cols) scipy sparse matrix of the r_ui (e.g. 0/1 interactions).
         fixed: (n_cols, k) factors of the other side; their dtype is the solve's dtype.
         regularization: lambda >= 0.
         alpha: confidence weight >= 0.
-        out: optional (n_rows, k) tensor written in place; a new one is allocated when None.
+        out: optional (n_rows, k) tensor written in place; a new one is allocated when None. With
+            ``solver="cg"`` it is also the starting point (zeros when None).
         max_elements: memory budget of one batch (see :func:`row_batches`).
         progress: optional tqdm updated once per batch.
+        solver: ``"cholesky"`` (exact) or ``"cg"`` (conjugate gradient).
+        cg_steps: conjugate-gradient steps per row (>= 1) for ``solver="cg"``; ``k`` steps solve exactly
+            up to rounding.
 
     Returns:
         The (n_rows, k) factors (``out`` when given).
@@ -147,27 +229,38 @@ def solve_rows(matrix: sp.spmatrix, fixed: torch.Tensor, regularization: float, 
     n_rows, k = matrix.shape[0], fixed.shape[1]
     if matrix.shape[1] != fixed.shape[0]:
         raise ConfigError(f"solve_rows: matrix has {matrix.shape[1]} columns but fixed has {fixed.shape[0]} rows")
+    if solver not in _SOLVERS:
+        raise ConfigError(f"solve_rows: solver={solver!r}, expected one of {list(_SOLVERS)}")
+    if solver == "cg" and cg_steps < 1:
+        raise ConfigError(f"solve_rows: cg_steps={cg_steps!r}, expected an integer >= 1")
     indptr, indices, values = _csr if _csr is not None else _csr_tensors(matrix)
-    batches = _batches if _batches is not None else row_batches(np.diff(indptr.numpy()), k, max_elements)
+    if _plan is None:
+        batches = _batches if _batches is not None else row_batches(np.diff(indptr.numpy()), k, max_elements)
+        _plan = gather_plan(indptr, indices, values, batches)
     if out is None:
         out = torch.zeros(n_rows, k, dtype=fixed.dtype)
     else:
-        out.zero_()  # rows without entries solve to zero
+        out[indptr[1:] == indptr[:-1]] = 0  # rows without entries solve to zero; every other row is overwritten
     base = fixed.T @ fixed + regularization * torch.eye(k, dtype=fixed.dtype)
-    for rows in batches:
-        rows = torch.from_numpy(rows)
-        out[rows] = _solve_batch(rows, indptr, indices, values, fixed, base, alpha).to(out.dtype)
+    for batch in _plan:
+        g, weight, b = _gather(batch, fixed, alpha)
+        if solver == "cg":
+            solution = _cg_batch(g, weight, b, base, out[batch.rows].to(fixed.dtype), cg_steps)
+        else:
+            solution = _cholesky_batch(g, weight, b, base)
+        out[batch.rows] = solution.to(out.dtype)
         if progress is not None:
             progress.update()
     return out
 
 
 def implicit_loss(matrix: sp.spmatrix, users: torch.Tensor, items: torch.Tensor, regularization: float,
-                  alpha: float, _csr=None) -> float:
+                  alpha: float, _csr=None, _row_ids=None) -> float:
     """The full implicit-ALS objective over all n_users x n_items cells, without a dense matrix.
 
     Uses ``sum_all c (p - s)^2 = sum_all s^2 + sum_observed [c (p - s)^2 - s^2]`` with
-    ``s = x_u . y_i`` and ``sum_all s^2 = <X^T X, Y^T Y>`` (the Gram trick), in float64.
+    ``s = x_u . y_i`` and ``sum_all s^2 = <X^T X, Y^T Y>`` (the Gram trick), in float64. The observed
+    cells go in small chunks so their float64 gathers stay in cache.
 
     Args:
         matrix: (n_users, n_items) scipy sparse matrix of the r_ui.
@@ -185,17 +278,20 @@ def implicit_loss(matrix: sp.spmatrix, users: torch.Tensor, items: torch.Tensor,
         2.0
     """
     indptr, indices, values = _csr if _csr is not None else _csr_tensors(matrix)
+    row_ids = _row_ids if _row_ids is not None else _row_ids_of(indptr)
     x, y = users.double(), items.double()
     total = float((x.T @ x * (y.T @ y)).sum())
-    nnz = len(indices)
-    for lo in range(0, nnz, _LOSS_CHUNK):
-        positions = torch.arange(lo, min(lo + _LOSS_CHUNK, nnz))
-        rows = torch.searchsorted(indptr[1:], positions, right=True)
-        cols, r = indices[positions], values[positions]
-        s = (x[rows] * y[cols]).sum(dim=1)
-        p = (r > 0).double()
-        total += float(((1.0 + alpha * r) * (p - s) ** 2 - s**2).sum())
-    return total + regularization * float(x.pow(2).sum() + y.pow(2).sum())
+    observed = torch.zeros((), dtype=torch.float64)
+    for lo in range(0, len(indices), _LOSS_CHUNK):
+        rows, cols, r = row_ids[lo:lo + _LOSS_CHUNK], indices[lo:lo + _LOSS_CHUNK], values[lo:lo + _LOSS_CHUNK]
+        s = torch.bmm(x[rows].unsqueeze(1), y[cols].unsqueeze(2)).view(-1)
+        observed += ((1.0 + alpha * r) * ((r > 0).double() - s) ** 2 - s**2).sum()
+    return total + float(observed) + regularization * float(x.pow(2).sum() + y.pow(2).sum())
+
+
+def _row_ids_of(indptr: torch.Tensor) -> torch.Tensor:
+    """The row of every stored entry of a CSR matrix, (nnz,) int64."""
+    return torch.repeat_interleave(torch.arange(len(indptr) - 1), indptr.diff())
 
 
 def _check(ok: bool, field: str, value: object, expected: str) -> None:
@@ -211,8 +307,9 @@ class ImplicitALS:
     """Implicit-feedback matrix factorization trained by alternating least squares; a ``Trainable``.
 
     One ``train_epoch`` is one sweep: all users are solved with the items fixed, then all items
-    with the users fixed. Rows are solved in batches (see :func:`solve_rows`) with batched
-    Cholesky factorisations, so all torch intra-op threads are used. Index 0 (OOV) of users and
+    with the users fixed. Rows are solved in batches (see :func:`solve_rows`), either exactly with
+    batched Cholesky factorisations or with a few conjugate-gradient steps warm-started from the
+    current factors, so all torch intra-op threads are used. Index 0 (OOV) of users and
     items has no interactions and stays zero. Training is deterministic given ``trainer.seed``.
 
     Args:
@@ -224,6 +321,11 @@ class ImplicitALS:
             confidence is its alpha times r_ui, so on 0/1 data its ``alpha=a`` is ``alpha=a - 1`` here.
         init_scale: initial factors are standard normal times this (>= 0).
         dtype: ``float32`` (default) or ``float64``; the dtype of the factors and the solves.
+        solver: ``"cholesky"`` (exact solve of every row, O(k^3) per row) or ``"cg"`` (``cg_steps``
+            conjugate-gradient steps per row from the current factors, O(L k) per step).
+        cg_steps: conjugate-gradient steps per row and sweep (>= 1); used by ``solver="cg"``.
+        compute_loss: compute the full objective after each sweep and return it as ``"loss"``; when
+            False ``train_epoch`` returns no metrics and the sweep skips that pass over the data.
 
     Example:
         >>> model = ImplicitALS(PreparedData.open("data/prepared/ml100k"), TrainerConfig(epochs=15))  # doctest: +SKIP
@@ -234,7 +336,8 @@ class ImplicitALS:
 
     def __init__(self, data: PreparedData, trainer: TrainerConfig, factors: int = 64,
                  regularization: float = 10.0, alpha: float = 1.0, init_scale: float = 0.01,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", solver: str = "cholesky", cg_steps: int = 3,
+                 compute_loss: bool = True):
         _check(isinstance(factors, Integral) and not isinstance(factors, bool) and factors >= 1,
                "factors", factors, "an integer >= 1")
         _check(_is_number(regularization) and regularization >= 0, "regularization", regularization,
@@ -242,17 +345,23 @@ class ImplicitALS:
         _check(_is_number(alpha) and alpha >= 0, "alpha", alpha, "a finite number >= 0")
         _check(_is_number(init_scale) and init_scale >= 0, "init_scale", init_scale, "a finite number >= 0")
         _check(dtype in _DTYPES, "dtype", dtype, f"one of {sorted(_DTYPES)}")
+        _check(solver in _SOLVERS, "solver", solver, f"one of {list(_SOLVERS)}")
+        _check(isinstance(cg_steps, Integral) and not isinstance(cg_steps, bool) and cg_steps >= 1,
+               "cg_steps", cg_steps, "an integer >= 1")
+        _check(isinstance(compute_loss, bool), "compute_loss", compute_loss, "true or false")
         if data.kind != "interactions":
             raise ConfigError(f"ALS needs an interactions dataset; {data.root} holds {data.kind!r}")
         self.data, self.trainer = data, trainer
         self.factors, self.regularization, self.alpha = int(factors), float(regularization), float(alpha)
         self.dtype = _DTYPES[dtype]
+        self.solver, self.cg_steps, self.compute_loss = solver, int(cg_steps), compute_loss
         train = sp.csr_matrix(data.matrix("train"))
         self._train = train
         self._user_csr = _csr_tensors(train)
         self._item_csr = _csr_tensors(train.T.tocsr())
-        self._user_batches = row_batches(np.diff(self._user_csr[0].numpy()), self.factors)
-        self._item_batches = row_batches(np.diff(self._item_csr[0].numpy()), self.factors)
+        self._user_plan = gather_plan(*self._user_csr, row_batches(np.diff(self._user_csr[0].numpy()), self.factors))
+        self._item_plan = gather_plan(*self._item_csr, row_batches(np.diff(self._item_csr[0].numpy()), self.factors))
+        self._row_ids = _row_ids_of(self._user_csr[0])
         generator = torch.Generator().manual_seed(trainer.seed)
         n_users, n_items = train.shape
         self.user_factors = torch.randn(n_users, self.factors, generator=generator, dtype=torch.float64)
@@ -263,15 +372,19 @@ class ImplicitALS:
         self.item_factors[0] = 0
 
     def train_epoch(self, epoch: int, progress: tqdm | None) -> dict[str, float]:
-        """One sweep (users, then items); returns ``{"loss": objective / n_users}`` after it."""
+        """One sweep (users, then items); returns ``{"loss": objective / n_users}`` after it (``{}`` when
+        ``compute_loss`` is False)."""
         if progress is not None:
-            progress.reset(total=len(self._user_batches) + len(self._item_batches))
+            progress.reset(total=len(self._user_plan) + len(self._item_plan))
+        solver = {"solver": self.solver, "cg_steps": self.cg_steps, "progress": progress}
         solve_rows(self._train, self.item_factors, self.regularization, self.alpha, out=self.user_factors,
-                   progress=progress, _csr=self._user_csr, _batches=self._user_batches)
+                   _csr=self._user_csr, _plan=self._user_plan, **solver)
         solve_rows(self._train.T, self.user_factors, self.regularization, self.alpha, out=self.item_factors,
-                   progress=progress, _csr=self._item_csr, _batches=self._item_batches)
+                   _csr=self._item_csr, _plan=self._item_plan, **solver)
+        if not self.compute_loss:
+            return {}
         loss = implicit_loss(self._train, self.user_factors, self.item_factors, self.regularization, self.alpha,
-                             _csr=self._user_csr) / self._train.shape[0]
+                             _csr=self._user_csr, _row_ids=self._row_ids) / self._train.shape[0]
         if progress is not None:
             progress.set_postfix(loss=f"{loss:.4f}")
         return {"loss": loss}

@@ -66,7 +66,8 @@ class TableOptimizer:
     weight_decay: float = 0.0
     eps: float = 1e-8
 
-    def apply(self, tables: nn.Module) -> None:
+    def apply(self, model: nn.Module) -> None:
+        """Attaches the optimizer to the rows of every TorchRec table in ``model`` (not to dense parameters)."""
         if self.name not in TABLE_OPTIMIZERS:
             raise ConfigError(f"table_optimizer.name must be one of {sorted(TABLE_OPTIMIZERS)}, got {self.name!r}")
         if self.name == "adam" and not torch.cuda.is_available():
@@ -75,7 +76,9 @@ class TableOptimizer:
         kwargs = {"lr": self.lr, "weight_decay": self.weight_decay}
         if self.name != "sgd":
             kwargs["eps"] = self.eps
-        apply_optimizer_in_backward(TABLE_OPTIMIZERS[self.name], tables.parameters(), kwargs)
+        tables = [p for m in model.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
+                  for p in m.parameters()]
+        apply_optimizer_in_backward(TABLE_OPTIMIZERS[self.name], tables, kwargs)
 
 
 @dataclass

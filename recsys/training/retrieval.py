@@ -6,15 +6,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 from tqdm.auto import tqdm
 
 from recsys.data.batching import ParquetBatches, interactions_to_batch, jagged
 from recsys.data.dataset import PreparedData
 from recsys.data.schemas import ITEM, USER
-from recsys.embeddings.memory import table_memory
+from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
+from recsys.embeddings.spec import TableStats
 from recsys.errors import ConfigError
-from recsys.models.mf import NEG_ITEM, MatrixFactorization, mf_tables
+from recsys.models.mf import NEG_ITEM, MatrixFactorization, mf_specs
 from recsys.training.distributed import ShardingConfig, TableOptimizer, combined_optimizer, shard
 from recsys.training.loop import TrainerConfig
 from recsys.training.losses import bpr_loss, in_batch_softmax_loss
@@ -49,7 +49,7 @@ class MFRetrieval:
         negatives: BPR negative sampling.
         table_optimizer: FBGEMM fused optimizer of the tables.
         temperature: softmax temperature.
-        init_scale: rows start uniform in ±init_scale/sqrt(D).
+        embedding: how the user and item tables are stored (compression per table).
         sharding: table placement.
 
     Example:
@@ -60,7 +60,7 @@ class MFRetrieval:
     def __init__(self, data: PreparedData, trainer: TrainerConfig, dim: int = 64,
                  loss: Literal["bpr", "softmax"] = "bpr", negatives: Negatives | None = None,
                  table_optimizer: TableOptimizer | None = None, temperature: float = 1.0,
-                 init_scale: float = 0.1, sharding: ShardingConfig | None = None):
+                 embedding: EmbeddingSettings | None = None, sharding: ShardingConfig | None = None):
         if loss not in ("bpr", "softmax"):
             raise ConfigError(f"model.loss must be 'bpr' or 'softmax', got {loss!r}")
         if data.kind != "interactions":
@@ -71,9 +71,12 @@ class MFRetrieval:
         self.sampler = NegativeSampler(counts, self.negatives.distribution, self.negatives.exponent)
         self.popularity = NegativeSampler(counts, "popularity")
         torch.manual_seed(trainer.seed)
-        tables = EmbeddingBagCollection(mf_tables(data.n_users, data.n_items, dim, init_scale), device=torch.device("meta"))
-        (table_optimizer or TableOptimizer()).apply(tables)
-        self.model = shard(MatrixFactorization(tables), sharding)
+        stats = {USER: TableStats(counts=data.user_counts("train")), ITEM: TableStats(counts=counts)}
+        embeddings = CompressedEmbeddings(mf_specs(data.n_users, data.n_items, dim), embedding, stats,
+                                          device=torch.device("meta"))
+        (table_optimizer or TableOptimizer()).apply(embeddings)
+        self.model = shard(MatrixFactorization(embeddings), sharding)
+        self.embeddings = embeddings
         self.optimizer = combined_optimizer(self.model)
         self._items: torch.Tensor | None = None
 
@@ -105,21 +108,15 @@ class MFRetrieval:
             out = self.model(jagged(FEATURES, [users, items, negatives]))
             return bpr_loss(MatrixFactorization.score(out[USER], out[ITEM]),
                             MatrixFactorization.score(out[USER], out[NEG_ITEM]))
-        out = self.model(self._features(FEATURES[:2], [users, items]))
+        out = self.model(jagged(FEATURES[:2], [users, items]))
         return in_batch_softmax_loss(out[USER], out[ITEM], items, self.popularity.log_probabilities[items],
                                      self.temperature)
-
-    def _features(self, present: list[str], columns: list[torch.Tensor]) -> KeyedJaggedTensor:
-        """KJT over all FEATURES with empty bags for the ones not ``present``."""
-        n = len(columns[0])
-        lengths = torch.cat([torch.full((n,), int(f in present), dtype=torch.int32) for f in FEATURES])
-        return KeyedJaggedTensor.from_lengths_sync(FEATURES, torch.cat(columns), lengths)
 
     @torch.no_grad()
     def embed(self, feature: str, ids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
         """(n,) ids of ``feature`` -> (n, D) embeddings, computed in chunks."""
         self.model.eval()
-        parts = [self.model(self._features([feature], [ids[i:i + chunk]]))[feature] for i in range(0, len(ids), chunk)]
+        parts = [self.model(jagged([feature], [ids[i:i + chunk]]))[feature] for i in range(0, len(ids), chunk)]
         return torch.cat(parts)
 
     @torch.no_grad()
@@ -137,4 +134,4 @@ class MFRetrieval:
         self._items = None
 
     def memory(self) -> dict[str, int]:
-        return table_memory(self.model)
+        return self.embeddings.memory()

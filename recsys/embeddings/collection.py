@@ -1,0 +1,173 @@
+"""The embedding collection: table specs in, one D-dimensional vector per feature out.
+
+It builds each spec's compression method, gathers every method's plain tables into one
+TorchRec ``EmbeddingBagCollection`` (methods whose combiner commutes with pooling) and one
+``EmbeddingCollection`` (the others, and unpooled tables), so the planner can shard all of
+them and FBGEMM's kernels run them. Models never see which method is in use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from recsys.embeddings.base import Compression, Method
+from recsys.embeddings.full import Full
+from recsys.embeddings.memory import table_memory
+from recsys.embeddings.spec import TableSpec, TableStats
+from recsys.errors import ConfigError
+
+
+@dataclass
+class EmbeddingSettings:
+    """Which compression each table uses (``conf/embedding/``).
+
+    Args:
+        default: the compression of every table not listed in ``tables``.
+        tables: per-table overrides, by table name.
+        init_scale: plain-table rows start uniform in ±init_scale / sqrt(their dim).
+    """
+
+    default: Compression = field(default_factory=Full)
+    tables: dict[str, Compression] = field(default_factory=dict)
+    init_scale: float = 0.1
+
+    def compression(self, table: str) -> Compression:
+        return self.tables.get(table, self.default)
+
+
+def _pooled(spec: TableSpec, method: Method) -> bool:
+    return spec.pooling != "none" and method.additive
+
+
+class CompressedEmbeddings(nn.Module):
+    """Looks up every feature of a KeyedJaggedTensor through its (compressed) table.
+
+    Args:
+        specs: the logical tables; each feature is read by exactly one table.
+        settings: compression per table (default: full tables).
+        stats: per-table id statistics (frequencies, clusters) for methods that need them.
+        device: where the plain tables are created (``meta`` to let DMP materialise them).
+
+    Example:
+        >>> emb = CompressedEmbeddings([TableSpec("item", 100, 8, ("item",))])
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["item"], torch.tensor([1, 2, 3]), torch.tensor([2, 1]))
+        >>> emb(kjt)["item"].shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, specs: Sequence[TableSpec], settings: EmbeddingSettings | None = None,
+                 stats: Mapping[str, TableStats] | None = None, device: torch.device | None = None):
+        super().__init__()
+        settings, stats = settings or EmbeddingSettings(), stats or {}
+        self.specs = {}
+        for spec in specs:
+            if spec.name in self.specs:
+                raise ConfigError(f"duplicate table name '{spec.name}'")
+            self.specs[spec.name] = spec
+        readers = [f for s in specs for f in s.feature_names]
+        if len(set(readers)) != len(readers):
+            raise ConfigError(f"a feature is read by more than one table: {sorted(readers)}")
+        unknown = set(settings.tables) - set(self.specs)
+        if unknown:
+            raise ConfigError(f"embedding.tables names unknown tables {sorted(unknown)}; tables are {sorted(self.specs)}")
+        self.methods = nn.ModuleDict({s.name: (s.compression or settings.compression(s.name)).build(s, stats.get(s.name))
+                                      for s in specs})
+        bag_configs, seq_configs = [], []
+        for spec in specs:
+            method = self.methods[spec.name]
+            streams = method.stream_tables()
+            for index, table in enumerate(method.plain_tables()):
+                features = [f"{f}__{s}" for f in spec.feature_names for s, t in enumerate(streams) if t == index]
+                bound = settings.init_scale / table.dim**0.5
+                common = dict(name=f"{spec.name}__{table.suffix}", num_embeddings=table.rows, embedding_dim=table.dim,
+                              feature_names=features, weight_init_min=-bound, weight_init_max=bound,
+                              init_fn=lambda w, b=bound: nn.init.uniform_(w, -b, b))
+                if _pooled(spec, method):
+                    bag_configs.append(EmbeddingBagConfig(**common))
+                else:
+                    seq_configs.append(EmbeddingConfig(**common))
+        self.bags = EmbeddingBagCollection(bag_configs, device=device) if bag_configs else None
+        self.sequences = EmbeddingCollection(seq_configs, device=device) if seq_configs else None
+        self._bag_keys = [f for c in bag_configs for f in c.feature_names]
+        self._seq_keys = [f for c in seq_configs for f in c.feature_names]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f for s in self.specs.values() for f in s.feature_names]
+
+    def forward(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor | JaggedTensor]:
+        """features (keys ⊆ feature_names, stride B) -> {feature: (B, D)} or, for unpooled
+        tables, {feature: JaggedTensor of (n_ids, D)}."""
+        inputs = features.to_dict()
+        streams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        plan = []
+        for spec in self.specs.values():
+            method = self.methods[spec.name]
+            for feature in spec.feature_names:
+                if feature not in inputs:
+                    continue
+                ids, lengths = inputs[feature].values(), inputs[feature].lengths()
+                kept = []
+                for s, stream in enumerate(method.transform(ids)):
+                    valid = stream >= 0
+                    streams[f"{feature}__{s}"] = (stream[valid], _segment_count(valid, lengths))
+                    kept.append(valid)
+                plan.append((spec, method, feature, ids, lengths, kept))
+        stride = features.stride()
+        bags = self._lookup(self.bags, self._bag_keys, streams, stride)
+        sequences = self._lookup(self.sequences, self._seq_keys, streams, stride)
+        out = {}
+        for spec, method, feature, ids, lengths, kept in plan:
+            keys = [f"{feature}__{s}" for s in range(len(kept))]
+            if _pooled(spec, method):
+                vector = method.combine([bags[k] for k in keys], None)
+            else:
+                parts = [_scatter(sequences[k].values(), valid) for k, valid in zip(keys, kept)]
+                per_id = method.combine(parts, ids)
+                if spec.pooling == "none":
+                    out[feature] = JaggedTensor(values=per_id, lengths=lengths)
+                    continue
+                bag = torch.repeat_interleave(torch.arange(len(lengths), device=ids.device), lengths)
+                vector = per_id.new_zeros(len(lengths), per_id.shape[1]).index_add_(0, bag, per_id)
+            if spec.pooling == "mean":
+                vector = vector / lengths.clamp(min=1).unsqueeze(1).to(vector.dtype)
+            out[feature] = vector
+        return out
+
+    @staticmethod
+    def _lookup(module, keys: list[str], streams: dict, stride: int) -> dict:
+        """Runs a TorchRec collection on the streams it owns (absent features get empty bags)."""
+        if module is None:
+            return {}
+        empty = (torch.empty(0, dtype=torch.int64), torch.zeros(stride, dtype=torch.int32))
+        values, lengths = zip(*(streams.get(k, empty) for k in keys))
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(values), torch.cat(lengths).int())
+        result = module(kjt)
+        return result.to_dict() if hasattr(result, "to_dict") else result
+
+    def memory(self) -> dict[str, int]:
+        """Bytes per logical table: its plain tables plus the method's id maps, codes and combiner."""
+        plain = table_memory(self)
+        return {name: sum(b for t, b in plain.items() if t.split("__")[0] == name) + self.methods[name].extra_memory()
+                for name in self.specs}
+
+
+def _segment_count(valid: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-bag count of valid ids: (B,) from an (n,) mask and (B,) bag lengths."""
+    if bool(valid.all()):
+        return lengths
+    bag = torch.repeat_interleave(torch.arange(len(lengths), device=valid.device), lengths)
+    return torch.zeros_like(lengths).index_add_(0, bag, valid.to(lengths.dtype))
+
+
+def _scatter(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(n_valid, d) vectors -> (n, d) with zeros where the stream had no lookup."""
+    if values.shape[0] == valid.shape[0]:
+        return values
+    return values.new_zeros(valid.shape[0], values.shape[1]).index_put_((valid.nonzero().squeeze(1),), values)
