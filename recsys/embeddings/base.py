@@ -66,6 +66,10 @@ class Method(nn.Module, ABC):
         single ids and ``ids`` holds them.
         """
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A loss term the method adds to training (e.g. VQ commitment), from the last forward."""
+        return None
+
     def extra_memory(self) -> int:
         """Bytes held besides the plain tables: id maps, codes, combiner parameters."""
         return sum(tensor_bytes(t) for t in [*self.buffers(), *self.parameters()])

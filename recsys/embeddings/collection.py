@@ -151,6 +151,11 @@ class CompressedEmbeddings(nn.Module):
         result = module(kjt)
         return result.to_dict() if hasattr(result, "to_dict") else result
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """Sum of the methods' auxiliary losses from the last forward (None when there are none)."""
+        losses = [loss for m in self.methods.values() if (loss := m.auxiliary_loss()) is not None]
+        return torch.stack(losses).sum() if losses else None
+
     def memory(self) -> dict[str, int]:
         """Bytes per logical table: its plain tables plus the method's id maps, codes and combiner."""
         plain = table_memory(self)

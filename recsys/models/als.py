@@ -35,8 +35,8 @@ from recsys.embeddings.memory import tensor_bytes
 from recsys.errors import ConfigError
 from recsys.training.loop import TrainerConfig
 
-MAX_BATCH_ELEMENTS = 64 * 2**20  # floats of one batch's padded gather plus its k x k systems
-PADDING_SLACK = 1 << 16  # padding cells allowed per batch on top of max_padding
+MAX_BATCH_ELEMENTS = 4 * 2**20  # floats of one batch's padded gather plus its k x k systems
+PADDING_SLACK = 1 << 12  # padding cells allowed per batch on top of max_padding
 _LOSS_CHUNK = 1 << 12  # observed cells per chunk of the loss: its float64 gathers stay in cache
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _SOLVERS = ("cholesky", "cg")
@@ -125,28 +125,29 @@ def gather_plan(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
     return plan
 
 
-def _gather(batch: RowBatch, fixed: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Gathers the batch's fixed factors and folds the confidences into them.
+def _gather(batch: RowBatch, fixed: torch.Tensor, alpha: float,
+            workspace: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(g, w, target)``: the batch's gathered fixed factors ``(B, L, k)`` (written into ``workspace``, so
+    no large buffer is allocated per batch), ``w = alpha r_ui`` and ``target = c_ui p_ui`` ``(B, L)``.
 
-    Returns ``(g, weight, b)``: with ``w = alpha r`` (zero on padding), ``A_u = base + g_u^T diag(weight_u) g_u``
-    and ``b_u = sum (1 + alpha r_ui) [r_ui > 0] f_i``. When every ``w >= 0`` (always, for ``alpha >= 0`` and
-    ``r >= 0``) ``g`` is scaled in place by ``sqrt(w)`` and ``weight`` is None, so no other ``(B, L, k)``
-    tensor is made; ``b`` is taken from the unscaled gather first.
+    Padding has ``r = 0``, hence ``w = target = 0``: it adds nothing to ``A_u`` or ``b_u``. So
+    ``A_u = base + g_u^T diag(w_u) g_u`` and ``b_u = g_u^T target_u``.
     """
-    r = batch.values
-    w = (alpha * r).to(fixed.dtype)  # (B, L)
-    target = torch.where(r > 0, 1.0 + alpha * r, 0.0).to(fixed.dtype)  # c_ui p_ui; zero on padding and r <= 0
-    g = fixed.index_select(0, batch.cols.view(-1)).view(*batch.cols.shape, -1)  # (B, L, k)
-    b = torch.bmm(target.unsqueeze(1), g).squeeze(1)  # (B, k)
-    if bool((w >= 0).all()):
-        return g.mul_(w.sqrt_().unsqueeze(2)), None, b
-    return g, w.unsqueeze(2), b
+    r, cols = batch.values, batch.cols
+    w = (alpha * r).to(fixed.dtype)
+    target = torch.where(r > 0, 1.0 + alpha * r, 0.0).to(fixed.dtype)  # zero on padding and r <= 0
+    g = workspace[:cols.numel() * fixed.shape[1]].view(cols.numel(), fixed.shape[1])
+    torch.index_select(fixed, 0, cols.view(-1), out=g)
+    return g.view(*cols.shape, -1), w, target
 
 
-def _cholesky_batch(g: torch.Tensor, weight: torch.Tensor | None, b: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """Exact solutions ``(B, k)`` by one batched Cholesky factorisation."""
-    a = torch.baddbmm(base, g.transpose(1, 2) if weight is None else (g * weight).transpose(1, 2), g)  # (B, k, k)
-    b = b.unsqueeze(2)
+def _cholesky_batch(g: torch.Tensor, w: torch.Tensor, target: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Exact solutions ``(B, k)`` by one batched Cholesky factorisation; scales ``g`` in place."""
+    b = torch.bmm(target.unsqueeze(1), g).transpose(1, 2)  # (B, k, 1)
+    if bool((w >= 0).all()):  # always, for alpha >= 0 and r >= 0: g <- sqrt(w) g, no second (B, L, k) tensor
+        a = torch.baddbmm(base, g.mul_(w.sqrt().unsqueeze(2)).transpose(1, 2), g)  # (B, k, k)
+    else:
+        a = torch.baddbmm(base, (g * w.unsqueeze(2)).transpose(1, 2), g)
     factor, info = torch.linalg.cholesky_ex(a)
     solution = torch.linalg.solve_triangular(factor, b, upper=False)
     solution = torch.linalg.solve_triangular(factor.transpose(1, 2), solution, upper=True)
@@ -156,36 +157,41 @@ def _cholesky_batch(g: torch.Tensor, weight: torch.Tensor | None, b: torch.Tenso
     return solution.squeeze(2)
 
 
-def _cg_batch(g: torch.Tensor, weight: torch.Tensor | None, b: torch.Tensor, base: torch.Tensor,
+def _cg_batch(g: torch.Tensor, w: torch.Tensor, target: torch.Tensor, base: torch.Tensor,
               x: torch.Tensor, steps: int) -> torch.Tensor:
-    """``steps`` conjugate-gradient steps on ``A_u x_u = b_u`` from ``x`` (B, k), batched over rows.
+    """``steps`` conjugate-gradient steps on ``A_u x_u = b_u`` from ``x`` (B, k), batched over rows; updates ``x``.
 
-    ``A_u p = base p + g_u^T (weight_u * (g_u p))`` costs two passes over the ``(B, L, k)`` gather and never
-    forms ``A_u``. A row whose residual has vanished (relative to ``|b_u|``, in the solve's precision) stops.
+    ``A_u p = base p + g_u^T (w_u * (g_u p))`` costs two passes over the ``(B, L, k)`` gather and never forms
+    ``A_u``; the first residual ``b_u - A_u x_u = g_u^T (target_u - w_u * (g_u x_u)) - base x_u`` takes two
+    more. A row stops once its residual has shrunk by the dtype's epsilon (or is zero).
     """
+    w, g_t = w.unsqueeze(1), g.transpose(1, 2)  # (B, 1, L), (B, k, L): (B, 1, k) @ g_t is the fast gemv here
 
-    def product(p: torch.Tensor) -> torch.Tensor:
-        s = torch.bmm(g, p.unsqueeze(2))  # (B, L, 1): f_i . p, times sqrt(w) twice or w once
-        if weight is not None:
-            s = s * weight
-        return torch.addmm(torch.bmm(s.transpose(1, 2), g).squeeze(1), p, base)  # base is symmetric
+    def product(p: torch.Tensor, rhs: torch.Tensor | None = None) -> torch.Tensor:
+        s = torch.bmm(p.unsqueeze(1), g_t).mul_(w)  # (B, 1, L): w_ui f_i . p
+        if rhs is not None:
+            s = rhs - s
+        return torch.bmm(s, g).squeeze(1)
 
-    tiny = (torch.finfo(x.dtype).eps ** 2) * (b * b).sum(1)
-    residual = b - product(x)
-    direction = residual.clone()
+    eps = torch.finfo(x.dtype).eps
+    residual = torch.addmm(product(x, target.unsqueeze(1)), x, base, alpha=-1.0)  # base is symmetric
     rs = (residual * residual).sum(1)
-    for _ in range(steps):
-        active = rs > tiny
+    tolerance = (rs * eps**2).clamp_min_(torch.finfo(x.dtype).tiny)
+    direction = residual.clone()
+    for step in range(steps):
+        active = rs > tolerance
         if not active.any():
             break
-        ap = product(direction)
+        ap = torch.addmm(product(direction), direction, base)
         curvature = (direction * ap).sum(1)
-        step = torch.where(active & (curvature > 0), rs / curvature, 0.0)
-        x.addcmul_(step.unsqueeze(1), direction)
-        residual.addcmul_(step.unsqueeze(1), ap, value=-1.0)
+        size = torch.where(active & (curvature > 0), rs / curvature, 0.0).unsqueeze(1)
+        x.addcmul_(size, direction)
+        if step == steps - 1:
+            break
+        residual.addcmul_(size, ap, value=-1.0)
         rs_new = (residual * residual).sum(1)
-        beta = torch.where(active, rs_new / rs.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
-        direction = residual + beta.unsqueeze(1) * direction
+        beta = torch.where(active, rs_new / rs, 0.0).unsqueeze(1)
+        direction.mul_(beta).add_(residual)
         rs = rs_new
     return x
 
@@ -242,12 +248,13 @@ def solve_rows(matrix: sp.spmatrix, fixed: torch.Tensor, regularization: float, 
     else:
         out[indptr[1:] == indptr[:-1]] = 0  # rows without entries solve to zero; every other row is overwritten
     base = fixed.T @ fixed + regularization * torch.eye(k, dtype=fixed.dtype)
+    workspace = torch.empty(max((batch.cols.numel() for batch in _plan), default=0) * k, dtype=fixed.dtype)
     for batch in _plan:
-        g, weight, b = _gather(batch, fixed, alpha)
+        g, w, target = _gather(batch, fixed, alpha, workspace)
         if solver == "cg":
-            solution = _cg_batch(g, weight, b, base, out[batch.rows].to(fixed.dtype), cg_steps)
+            solution = _cg_batch(g, w, target, base, out[batch.rows].to(fixed.dtype), cg_steps)
         else:
-            solution = _cholesky_batch(g, weight, b, base)
+            solution = _cholesky_batch(g, w, target, base)
         out[batch.rows] = solution.to(out.dtype)
         if progress is not None:
             progress.update()

@@ -92,6 +92,8 @@ class MFRetrieval:
         total, count = 0.0, 0
         for batch in batches:
             loss = self._loss(batch.sparse[USER].values(), batch.sparse[ITEM].values(), generator)
+            if (auxiliary := self.embeddings.auxiliary_loss()) is not None:
+                loss = loss + auxiliary
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad()
