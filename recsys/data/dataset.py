@@ -14,6 +14,7 @@ import scipy.sparse as sp
 from recsys.data.prepare import MANIFEST
 from recsys.data.schemas import ITEM, USER, CTRSchema
 from recsys.data.vocab import Vocabulary
+from recsys.embeddings.spec import InteractionGraph
 from recsys.errors import DataError
 
 
@@ -86,6 +87,11 @@ class PreparedData:
         matrix.sum_duplicates()
         matrix.data[:] = 1.0
         return matrix
+
+    def graph(self, split: str = "train") -> InteractionGraph:
+        """The split's interactions as a bipartite user-item graph."""
+        table = pq.read_table(self.path(split), columns=[USER, ITEM])
+        return InteractionGraph(table[USER].to_numpy(), table[ITEM].to_numpy(), self.n_users, self.n_items)
 
     def item_counts(self, split: str = "train") -> np.ndarray:
         """Interactions per item index in a split: shape (n_items,)."""

@@ -12,6 +12,14 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 TABLE_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
 
 
+def narrowest_int_dtype(n: int) -> torch.dtype:
+    """The smallest integer dtype holding the values 0..n-1 (uint8, int16, int32 or int64)."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if n - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
 def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes held by ``tensor`` on this rank (local shards of a ShardedTensor / DTensor)."""
     if isinstance(tensor, ShardedTensor):

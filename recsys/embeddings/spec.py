@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -54,6 +54,23 @@ class TableSpec:
         return self.num_embeddings * self.dim * 4
 
 
+@dataclass(frozen=True)
+class InteractionGraph:
+    """Training interactions as a bipartite graph: one (user, item) index pair per edge.
+
+    Args:
+        users: (E,) user index of each edge.
+        items: (E,) item index of each edge.
+        n_users: user vocabulary size.
+        n_items: item vocabulary size.
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+    n_users: int
+    n_items: int
+
+
 @dataclass
 class TableStats:
     """What prepare knows about a table's ids, for methods that use it.
@@ -61,8 +78,11 @@ class TableStats:
     Args:
         counts: (N,) training frequency of each id (index 0 = OOV), or None.
         clusters: (N,) cluster id of each id from a graph clustering (GraphHash), or None.
+        graph: the training interaction graph, for methods that cluster it (GraphHash).
+        side: which side of ``graph`` this table indexes: ``user`` or ``item``.
     """
 
     counts: np.ndarray | None = None
     clusters: np.ndarray | None = None
-    extra: dict = field(default_factory=dict)
+    graph: InteractionGraph | None = None
+    side: Literal["user", "item"] | None = None

@@ -71,7 +71,9 @@ class MFRetrieval:
         self.sampler = NegativeSampler(counts, self.negatives.distribution, self.negatives.exponent)
         self.popularity = NegativeSampler(counts, "popularity")
         torch.manual_seed(trainer.seed)
-        stats = {USER: TableStats(counts=data.user_counts("train")), ITEM: TableStats(counts=counts)}
+        graph = data.graph("train")
+        stats = {USER: TableStats(counts=data.user_counts("train"), graph=graph, side="user"),
+                 ITEM: TableStats(counts=counts, graph=graph, side="item")}
         embeddings = CompressedEmbeddings(mf_specs(data.n_users, data.n_items, dim), embedding, stats,
                                           device=torch.device("meta"))
         (table_optimizer or TableOptimizer()).apply(embeddings)
