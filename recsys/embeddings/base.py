@@ -66,6 +66,10 @@ class Method(nn.Module, ABC):
         single ids and ``ids`` holds them.
         """
 
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        """Starting rows of some plain tables, by suffix (e.g. k-means codebooks); others start uniform."""
+        return {}
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         """A loss term the method adds to training (e.g. VQ commitment), from the last forward."""
         return None

@@ -16,7 +16,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from recsys.embeddings.base import Compression, Method
+from recsys.embeddings.base import Compression, Method, PlainTable
 from recsys.embeddings.full import Full
 from recsys.embeddings.memory import table_memory
 from recsys.embeddings.spec import TableSpec, TableStats
@@ -81,13 +81,14 @@ class CompressedEmbeddings(nn.Module):
         bag_configs, seq_configs = [], []
         for spec in specs:
             method = self.methods[spec.name]
-            streams = method.stream_tables()
+            streams, initial = method.stream_tables(), method.initial_weights()
             for index, table in enumerate(method.plain_tables()):
                 features = [f"{f}__{s}" for f in spec.feature_names for s, t in enumerate(streams) if t == index]
                 bound = settings.init_scale / table.dim**0.5
+                init_fn = (_copy_init(spec.name, table, initial[table.suffix]) if table.suffix in initial
+                           else lambda w, b=bound: nn.init.uniform_(w, -b, b))
                 common = dict(name=f"{spec.name}__{table.suffix}", num_embeddings=table.rows, embedding_dim=table.dim,
-                              feature_names=features, weight_init_min=-bound, weight_init_max=bound,
-                              init_fn=lambda w, b=bound: nn.init.uniform_(w, -b, b))
+                              feature_names=features, weight_init_min=-bound, weight_init_max=bound, init_fn=init_fn)
                 if _pooled(spec, method):
                     bag_configs.append(EmbeddingBagConfig(**common))
                 else:
@@ -161,6 +162,26 @@ class CompressedEmbeddings(nn.Module):
         plain = table_memory(self)
         return {name: sum(b for t, b in plain.items() if t.split("__")[0] == name) + self.methods[name].extra_memory()
                 for name in self.specs}
+
+
+def _copy_init(name: str, table: PlainTable, rows: torch.Tensor):
+    """An ``init_fn`` that copies a method's initial rows into its plain table, also when DMP
+    materialises it: a rank holding the whole table copies it, a rank holding none skips; row or
+    column shards cannot tell their offsets, so they are refused."""
+    if tuple(rows.shape) != (table.rows, table.dim):
+        raise ConfigError(f"table '{name}': initial weights of plain table '{table.suffix}' have shape "
+                          f"{tuple(rows.shape)}, expected ({table.rows}, {table.dim})")
+
+    def init(weight: torch.Tensor) -> torch.Tensor:
+        if weight.numel() == 0:
+            return weight
+        if tuple(weight.shape) != tuple(rows.shape):
+            raise ConfigError(f"table '{name}__{table.suffix}' starts from given weights, so it must be sharded "
+                              f"whole (table_wise or data_parallel); this rank holds a {tuple(weight.shape)} shard")
+        with torch.no_grad():
+            return weight.copy_(rows.to(weight.device, weight.dtype))
+
+    return init
 
 
 def _segment_count(valid: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
