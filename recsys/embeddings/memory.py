@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.tensor_types import UIntXTensor
 
 TABLE_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
 
@@ -21,7 +22,10 @@ def narrowest_int_dtype(n: int) -> torch.dtype:
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes held by ``tensor`` on this rank (local shards of a ShardedTensor / DTensor)."""
+    """Bytes held by ``tensor`` on this rank (local shards of a ShardedTensor / DTensor; the packed
+    bytes of TorchRec's int4 / int2 ``UIntXTensor``, whose shape counts sub-byte values)."""
+    if isinstance(tensor, UIntXTensor):
+        tensor = tensor.elem
     if isinstance(tensor, ShardedTensor):
         return sum(s.tensor.numel() * s.tensor.element_size() for s in tensor.local_shards())
     if hasattr(tensor, "to_local"):
