@@ -74,9 +74,15 @@ class Method(nn.Module, ABC):
         """A loss term the method adds to training (e.g. VQ commitment), from the last forward."""
         return None
 
+    def extra_memory_parts(self) -> dict[str, int]:
+        """Bytes held besides the plain tables, by kind and name: id maps and codes (buffers),
+        combiner parameters (e.g. projections)."""
+        return {**{f"buffer/{n}": tensor_bytes(t) for n, t in self.named_buffers()},
+                **{f"parameter/{n}": tensor_bytes(t) for n, t in self.named_parameters()}}
+
     def extra_memory(self) -> int:
-        """Bytes held besides the plain tables: id maps, codes, combiner parameters."""
-        return sum(tensor_bytes(t) for t in [*self.buffers(), *self.parameters()])
+        """Total bytes held besides the plain tables."""
+        return sum(self.extra_memory_parts().values())
 
 
 class Compression(ABC):

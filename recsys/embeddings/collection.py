@@ -157,11 +157,20 @@ class CompressedEmbeddings(nn.Module):
         losses = [loss for m in self.methods.values() if (loss := m.auxiliary_loss()) is not None]
         return torch.stack(losses).sum() if losses else None
 
+    def memory_parts(self) -> dict[str, int]:
+        """Bytes of every stored tensor, as ``<table>/plain/<plain table>``, ``<table>/buffer/<name>``
+        (id maps, codes) and ``<table>/parameter/<name>`` (combiners), measured from the tensors."""
+        parts = {f"{t.split('__')[0]}/plain/{t}": b for t, b in table_memory(self).items()}
+        for name, method in self.methods.items():
+            parts |= {f"{name}/{part}": b for part, b in method.extra_memory_parts().items()}
+        return parts
+
     def memory(self) -> dict[str, int]:
         """Bytes per logical table: its plain tables plus the method's id maps, codes and combiner."""
-        plain = table_memory(self)
-        return {name: sum(b for t, b in plain.items() if t.split("__")[0] == name) + self.methods[name].extra_memory()
-                for name in self.specs}
+        totals = dict.fromkeys(self.specs, 0)
+        for part, b in self.memory_parts().items():
+            totals[part.split("/")[0]] += b
+        return totals
 
 
 def _copy_init(name: str, table: PlainTable, rows: torch.Tensor):
