@@ -1,4 +1,5 @@
-"""Implicit ALS: the batched solve against a dense reference, the loss, training, resume, config errors."""
+"""Implicit ALS: the batched solves (Cholesky and CG) against a dense reference, the loss, training, resume,
+config errors."""
 
 from __future__ import annotations
 
@@ -72,6 +73,40 @@ def test_solve_rows_matches_dense_reference(max_elements):
                                _dense_solve(matrix.T.tocsr(), users, reg, alpha), rtol=1e-10, atol=1e-12)
 
 
+def test_negative_values_take_the_unscaled_path():
+    matrix = _weighted_matrix()
+    matrix.data[::3] *= -0.1  # c = 1 + alpha r stays positive; sqrt(alpha r) does not exist
+    rng = np.random.default_rng(1)
+    fixed = rng.normal(0.0, 0.5, (12, 4))
+    expected = _dense_solve(matrix, fixed, 0.7, 2.5)
+    got = solve_rows(matrix, torch.from_numpy(fixed), 0.7, 2.5)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+    got = solve_rows(matrix, torch.from_numpy(fixed), 0.7, 2.5, solver="cg", cg_steps=30)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("max_elements", [10**9, 300])
+def test_cg_with_enough_steps_converges_to_the_exact_solution(max_elements):
+    matrix = _weighted_matrix()
+    rng = np.random.default_rng(1)
+    fixed = rng.normal(0.0, 0.5, (12, 4))
+    reg, alpha = 0.7, 2.5
+    expected = _dense_solve(matrix, fixed, reg, alpha)
+    start = torch.from_numpy(rng.normal(0.0, 1.0, (8, 4)))  # warm start far from the solution, row 0 included
+    for out in (start.clone(), None):  # from the given factors, and from zeros
+        got = solve_rows(matrix, torch.from_numpy(fixed), reg, alpha, out=out, max_elements=max_elements,
+                         solver="cg", cg_steps=25)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-11)
+        assert np.all(got[0].numpy() == 0)  # a row without entries solves to zero, whatever it started from
+    # a few steps only approximate it; float32 converges to float32 accuracy
+    few = solve_rows(matrix, torch.from_numpy(fixed), reg, alpha, out=start.clone(), solver="cg", cg_steps=1)
+    assert np.abs(few.numpy() - expected).max() > 1e-3
+    single = solve_rows(matrix, torch.from_numpy(fixed).float(), reg, alpha, out=start.float(), solver="cg", cg_steps=25)
+    np.testing.assert_allclose(single.numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(solve_rows(matrix, torch.from_numpy(fixed), reg, alpha, out=torch.from_numpy(expected),
+                                     solver="cg", cg_steps=25)).all()  # starting at the solution stays finite
+
+
 def test_singular_systems_fall_back_to_least_squares():
     matrix = _weighted_matrix()
     fixed = torch.zeros(12, 3)
@@ -129,6 +164,34 @@ def test_alternating_solves_decrease_the_loss_on_a_planted_low_rank_matrix():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_three_cg_steps_from_a_warm_start_decrease_the_loss_every_half_sweep():
+    """Each CG step lowers its row's quadratic, so every half-sweep lowers the objective (exact arithmetic: monotone)."""
+    rng = np.random.default_rng(3)
+    u, v = rng.normal(size=(60, 3)), rng.normal(size=(40, 3))
+    logits = u @ v.T
+    observed = logits > np.quantile(logits, 0.8)
+    matrix = sp.csr_matrix(np.where(observed, rng.integers(1, 4, logits.shape), 0).astype(float))
+    transposed = matrix.T.tocsr()
+    reg, alpha = 0.5, 2.0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 6, generator=g, dtype=torch.float64) * 0.01
+    y = torch.randn(40, 6, generator=g, dtype=torch.float64) * 0.01
+    x_exact, y_exact = x.clone(), y.clone()
+    losses, gaps = [implicit_loss(matrix, x, y, reg, alpha)], []
+    for _ in range(10):
+        solve_rows(matrix, y, reg, alpha, out=x, solver="cg", cg_steps=3)
+        losses.append(implicit_loss(matrix, x, y, reg, alpha))
+        gaps.append(float((x - solve_rows(matrix, y, reg, alpha)).abs().max()))  # 3 of 6 steps: not exact
+        solve_rows(transposed, x, reg, alpha, out=y, solver="cg", cg_steps=3)
+        losses.append(implicit_loss(matrix, x, y, reg, alpha))
+        solve_rows(matrix, y_exact, reg, alpha, out=x_exact)
+        solve_rows(transposed, x_exact, reg, alpha, out=y_exact)
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # strictly monotone
+    assert max(gaps) > 1e-3
+    exact = implicit_loss(matrix, x_exact, y_exact, reg, alpha)
+    assert losses[-1] < 0.5 * losses[0] and losses[-1] == pytest.approx(exact, rel=0.02), (losses[-1], exact)
+
+
 # --------------------------------------------------------------------------------------------
 # The model on a prepared synthetic dataset
 # --------------------------------------------------------------------------------------------
@@ -152,9 +215,10 @@ def _trainer(directory, epochs: int, **kw) -> TrainerConfig:
 MODEL = {"factors": 16, "regularization": 10.0, "alpha": 1.0}
 
 
-def test_als_beats_popularity_and_its_loss_decreases(planted, tmp_path):
+@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+def test_als_beats_popularity_and_its_loss_decreases(planted, tmp_path, solver):
     trainer = _trainer(tmp_path / "ck", epochs=6)
-    model = ImplicitALS(planted, trainer, **MODEL)
+    model = ImplicitALS(planted, trainer, solver=solver, **MODEL)
     logged = []
     metrics = fit(model, planted, trainer, log=lambda m, step: logged.append(m["loss"]))
     baseline = evaluate(PopularityScorer(planted.matrix("train")), planted, "test", [20])
@@ -165,6 +229,18 @@ def test_als_beats_popularity_and_its_loss_decreases(planted, tmp_path):
     scores = model.score_users(torch.tensor([1, 2, 3]))
     assert scores.shape == (3, planted.n_items) and scores.dtype == torch.float32
     assert model.memory() == {"user": planted.n_users * 16 * 4, "item": planted.n_items * 16 * 4}
+
+
+def test_cg_and_cholesky_models_agree_and_the_loss_is_optional(planted, tmp_path):
+    cholesky = ImplicitALS(planted, _trainer(tmp_path, 6), solver="cholesky", **MODEL)
+    cg = ImplicitALS(planted, _trainer(tmp_path, 6), solver="cg", cg_steps=3, **MODEL)
+    quiet = ImplicitALS(planted, _trainer(tmp_path, 6), solver="cg", cg_steps=3, compute_loss=False, **MODEL)
+    for epoch in range(6):
+        exact, approximate = cholesky.train_epoch(epoch, None)["loss"], cg.train_epoch(epoch, None)["loss"]
+        assert quiet.train_epoch(epoch, None) == {}
+        # CG's objective trails the exact sweeps (by 0.5% at most here, 0.1% after 6 sweeps) and catches up
+        assert approximate == pytest.approx(exact, rel=1e-2 if epoch < 5 else 3e-3), epoch
+    assert torch.equal(quiet.user_factors, cg.user_factors)  # the loss does not touch the factors
 
 
 def test_resume_equals_an_uninterrupted_run(planted, tmp_path):
@@ -196,7 +272,17 @@ def test_init_is_seeded_and_float64_is_available(planted, tmp_path):
     ({"alpha": -0.5}, r"model\.alpha=-0\.5 is invalid: expected a finite number >= 0"),
     ({"alpha": float("nan")}, r"model\.alpha=nan is invalid"),
     ({"dtype": "float16"}, r"model\.dtype='float16' is invalid: expected one of \['float32', 'float64'\]"),
+    ({"solver": "lu"}, r"model\.solver='lu' is invalid: expected one of \['cholesky', 'cg'\]"),
+    ({"cg_steps": 0}, r"model\.cg_steps=0 is invalid: expected an integer >= 1"),
+    ({"compute_loss": "yes"}, r"model\.compute_loss='yes' is invalid: expected true or false"),
 ])
 def test_bad_hyper_parameters_raise_config_errors(planted, tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ImplicitALS(planted, _trainer(tmp_path, 1), **kwargs)
+
+
+def test_solve_rows_rejects_an_unknown_solver():
+    with pytest.raises(ConfigError, match="solver='lu'"):
+        solve_rows(_weighted_matrix(), torch.ones(12, 2), 1.0, 1.0, solver="lu")
+    with pytest.raises(ConfigError, match="cg_steps=0"):
+        solve_rows(_weighted_matrix(), torch.ones(12, 2), 1.0, 1.0, solver="cg", cg_steps=0)
