@@ -1,4 +1,8 @@
-"""Train, evaluate and track: ``python -m pipelines.train data=... model=... trainer.epochs=...``."""
+"""Train, evaluate and track: ``python -m pipelines.train data=... model=... trainer.epochs=...``.
+
+On several ranks: ``torchrun --nproc_per_node=2 -m pipelines.train trainer.distributed=true ...``
+(rank 0 prepares the data and logs the MLflow run; every rank trains its share and evaluates).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines.prepare import ensure_prepared
 from recsys.evaluation import PopularityScorer
+from recsys.training.distributed import init_process_group, is_main, launched, main_first
 from recsys.training.loop import evaluate, fit
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipelines.train")  # not __name__: that is "__main__" under `python -m`
 
 
 def run(cfg: DictConfig) -> dict:
     """Prepares data, trains ``cfg.model``, logs to MLflow; returns metrics, baseline and run id."""
-    data = ensure_prepared(cfg.data)
     trainer = instantiate(cfg.trainer)
+    if trainer.distributed or launched():
+        init_process_group(trainer.distributed)  # a clear error when the launch does not match the setting
+    with main_first():
+        data = ensure_prepared(cfg.data)
     tracker = instantiate(cfg.tracking)
     config = OmegaConf.to_container(cfg, resolve=True)
     with tracker.start(cfg.run_name, config, tags={"model": cfg.model.name, "data": cfg.data.name}) as mlrun:
@@ -40,8 +48,9 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float:
     result = run(cfg)
     k = cfg.trainer.eval_ks[0]
-    log.info("test recall@%d = %.4f (popularity %.4f), run %s", k, result["metrics"][f"recall@{k}"],
-             result["popularity"][f"recall@{k}"], result["run_id"])
+    if is_main():
+        log.info("test recall@%d = %.4f (popularity %.4f), run %s", k, result["metrics"][f"recall@{k}"],
+                 result["popularity"][f"recall@{k}"], result["run_id"])
     return result["metrics"][f"recall@{k}"]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from recsys.data.dataset import PreparedData
@@ -36,7 +37,9 @@ class TrainerConfig:
         checkpoint_dir: where per-epoch checkpoints go.
         resume: continue from the last checkpoint in checkpoint_dir.
         keep_checkpoints: how many epoch checkpoints to keep.
-        progress: show a progress bar per epoch.
+        progress: show a progress bar per epoch (on rank 0 only).
+        distributed: train on several ranks started by ``torchrun`` (each rank reads a disjoint
+            share of the batches; the tables are sharded over the ranks by DMP).
     """
 
     epochs: int = 10
@@ -51,6 +54,7 @@ class TrainerConfig:
     resume: bool = False
     keep_checkpoints: int = 2
     progress: bool = True
+    distributed: bool = False
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1:
@@ -96,6 +100,8 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
     Example:
         >>> metrics = fit(task, PreparedData.open("data/prepared/ml100k"), TrainerConfig(epochs=5))  # doctest: +SKIP
     """
+    if cfg.distributed and not getattr(model, "supports_distributed", False):
+        raise ConfigError(f"{type(model).__name__} does not train on several ranks; drop trainer.distributed=true")
     directory = Path(cfg.checkpoint_dir)
     start = 0
     if not cfg.resume:
@@ -108,9 +114,11 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
         logger.info("resumed from %s (epoch %d of %d done)", info["path"], start, cfg.epochs)
     else:
         logger.warning("trainer.resume=true but %s holds no checkpoint: training from the start", directory)
+    quiet = not cfg.progress or (dist.is_initialized() and dist.get_rank() != 0)
+    # On several ranks every rank evaluates (sharded lookups are collectives) and gets the same metrics.
     for epoch in range(start, cfg.epochs):
         began = time.perf_counter()
-        with tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False) as bar:
+        with tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=quiet, leave=False) as bar:
             metrics = dict(model.train_epoch(epoch, bar))
         metrics["epoch_seconds"] = time.perf_counter() - began
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and "valid" in data.splits:

@@ -15,7 +15,8 @@ from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
 from recsys.embeddings.spec import TableStats
 from recsys.errors import ConfigError
 from recsys.models.mf import NEG_ITEM, MatrixFactorization, mf_specs
-from recsys.training.distributed import ShardingConfig, TableOptimizer, combined_optimizer, shard
+from recsys.training.distributed import (ShardingConfig, TableOptimizer, all_sum, combined_optimizer,
+                                         init_process_group, rank_and_world, rank_share, shard)
 from recsys.training.loop import TrainerConfig
 from recsys.training.losses import bpr_loss, in_batch_softmax_loss
 from recsys.training.sampling import NegativeSampler
@@ -57,6 +58,8 @@ class MFRetrieval:
         >>> task.train_epoch(0, None)["loss"]  # doctest: +SKIP
     """
 
+    supports_distributed = True  # trainer.distributed=true: each rank trains on its share of the batches
+
     def __init__(self, data: PreparedData, trainer: TrainerConfig, dim: int = 64,
                  loss: Literal["bpr", "softmax"] = "bpr", negatives: Negatives | None = None,
                  table_optimizer: TableOptimizer | None = None, temperature: float = 1.0,
@@ -65,6 +68,7 @@ class MFRetrieval:
             raise ConfigError(f"model.loss must be 'bpr' or 'softmax', got {loss!r}")
         if data.kind != "interactions":
             raise ConfigError(f"MF needs an interactions dataset; {data.root} holds {data.kind!r}")
+        init_process_group(trainer.distributed)  # fails early when the launch does not match trainer.distributed
         self.data, self.trainer, self.loss, self.temperature = data, trainer, loss, temperature
         self.negatives = negatives or Negatives()
         counts = data.item_counts("train")
@@ -76,23 +80,28 @@ class MFRetrieval:
                  ITEM: TableStats(counts=counts, graph=graph, side="item")}
         embeddings = CompressedEmbeddings(mf_specs(data.n_users, data.n_items, dim), embedding, stats,
                                           device=torch.device("meta"))
-        (table_optimizer or TableOptimizer()).apply(embeddings)
+        table_optimizer = table_optimizer or TableOptimizer()
+        table_optimizer.apply(embeddings)
         self.model = shard(MatrixFactorization(embeddings), sharding)
         self.embeddings = embeddings
-        self.optimizer = combined_optimizer(self.model)
+        self.optimizer = combined_optimizer(self.model, table_optimizer)
         self._items: torch.Tensor | None = None
 
     def train_epoch(self, epoch: int, progress: tqdm | None) -> dict[str, float]:
         self.model.train()
         self._items = None
         seed = self.trainer.epoch_seed(epoch)
-        generator = torch.Generator().manual_seed(seed)
+        rank, world = rank_and_world()
+        generator = torch.Generator().manual_seed(seed + rank * 1_000_000_007)  # ranks sample different negatives
         batches = ParquetBatches(self.data.path("train"), interactions_to_batch, self.trainer.batch_size,
                                  self.trainer.shuffle_buffer, seed, self.trainer.prefetch)
+        if len(batches) < world:
+            raise ConfigError(f"the training split has {len(batches)} batches of trainer.batch_size="
+                              f"{self.trainer.batch_size}, fewer than the {world} ranks; lower trainer.batch_size")
         if progress is not None:
-            progress.reset(total=len(batches))
+            progress.reset(total=len(batches) // world)
         total, count = 0.0, 0
-        for batch in batches:
+        for batch in rank_share(batches, len(batches)):
             loss = self._loss(batch.sparse[USER].values(), batch.sparse[ITEM].values(), generator)
             if (auxiliary := self.embeddings.auxiliary_loss()) is not None:
                 loss = loss + auxiliary
@@ -103,6 +112,7 @@ class MFRetrieval:
             if progress is not None:
                 progress.update()
                 progress.set_postfix(loss=f"{total / count:.4f}")
+        total, count = all_sum([total, count])
         return {"loss": total / max(count, 1)}
 
     def _loss(self, users: torch.Tensor, items: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
