@@ -125,10 +125,9 @@ def _copy_tables(source: CompressedEmbeddings, target: CompressedEmbeddings) -> 
     with more rows), the source rows are copied into the leading rows of the target."""
     def tables(emb):
         found = {}
-        for module in (emb.bags, emb.sequences):
-            if module is not None:
-                for key, value in module.state_dict().items():
-                    found[key.split(".")[-2]] = value
+        for module in emb.lookups():
+            for key, value in module.state_dict().items():
+                found[key.split(".")[-2]] = value
         return found
 
     src, dst = tables(source), tables(target)

@@ -143,15 +143,14 @@ def test_hashing_and_double_hashing_look_up_the_hashed_rows():
 def test_hash_embeddings_weight_the_components_by_their_importance():
     emb = build(MultiHash(k=2, rows=8, importance=True, seed=1), pooling="none")
     with torch.no_grad():
-        emb.sequences.embeddings["item__importance"].weight.normal_()
+        emb.plain_weight("item__importance").normal_()
     kjt = batch(6)
     ids = kjt["item"].values()
-    tables = emb.sequences.embeddings
     bucket = hash_ids(ids, stream_seed(1, 2), 8)  # 8 buckets of 2 weights, 4 per row of 8 columns
-    packed = tables["item__importance"].weight
+    packed = emb.plain_weight("item__importance")
     assert packed.shape == (2, 8)
     weights = 1 + torch.stack([packed[b // 4, (b % 4) * 2:(b % 4) * 2 + 2] for b in bucket.tolist()])
-    expected = sum(weights[:, j:j + 1] * tables[f"item__hash{j}"].weight[hash_ids(ids, stream_seed(1, j), 8)]
+    expected = sum(weights[:, j:j + 1] * emb.plain_weight(f"item__hash{j}")[hash_ids(ids, stream_seed(1, j), 8)]
                    for j in range(2))
     torch.testing.assert_close(emb(kjt)["item"].values(), expected)
     assert not emb.methods["item"].additive and emb.bags is None

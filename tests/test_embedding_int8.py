@@ -112,7 +112,7 @@ def values(out):
 
 def plain_rows(emb: CompressedEmbeddings) -> dict[str, torch.Tensor]:
     """Float rows of every plain table, by table name."""
-    modules = [m for m in (emb.bags, emb.sequences) if m is not None]
+    modules = emb.lookups()
     return {key.split(".")[-2]: value for m in modules for key, value in m.state_dict().items()}
 
 
@@ -242,7 +242,7 @@ def test_swaps_in_torchrec_quantized_modules_and_leaves_the_float_collection(emb
     before = {k: values(v).clone() for k, v in emb(kjt).items()}
     int8, int4 = quantize_tables(emb, "int8"), quantize_tables(emb, "int4")
     assert type(int8.bags).__module__ == "torchrec.quant.embedding_modules"
-    assert type(int8.sequences).__module__ == "torchrec.quant.embedding_modules"
+    assert all(type(m).__module__ == "torchrec.quant.embedding_modules" for m in int8.sequences.values())
     assert isinstance(int4.bags, TrimmedLookup)  # the 6-dim table was padded to 8 for int4
     assert not int8.training and not any(p.requires_grad for p in int8.parameters())
     assert type(emb.bags).__module__ == "torchrec.modules.embedding_modules" and emb.training
@@ -264,7 +264,7 @@ def test_memory_is_the_bytes_of_the_quantized_rows(emb, dtype):
         assert memory[spec.name] == rows + method.extra_memory(), spec.name
     # FBGEMM allocates exactly these rows, plus < 128 bytes of cache-line padding per table.
     allocated, tables = 0, 0
-    for module in (served.bags, served.sequences):
+    for module in served.lookups():
         module = module.tables if isinstance(module, TrimmedLookup) else module
         allocated += sum(tbe.weights_host.numel() for tbe in module._emb_modules)
         tables += len(module.state_dict())

@@ -166,7 +166,7 @@ def test_vq_outputs_are_codewords_and_export_reproduces_them():
     method = emb.methods["item"]
     with torch.no_grad():
         outputs = emb(every_id())["item"]
-        query = emb.sequences.embeddings["item__query"].weight.detach().clone()
+        query = emb.plain_weight("item__query").detach().clone()
     from_outputs, from_query = method.export(outputs), method.export(query)
     assert torch.equal(from_outputs.codes, from_query.codes) and from_outputs.source == "vq"
     assert from_outputs.codes.dtype == torch.uint8
@@ -184,7 +184,7 @@ def test_dead_codes_are_reseeded_from_query_vectors():
     emb = _toy_vq(reseed_every=2, codewords=8)
     method = emb.methods["item"]
     emb(every_id())  # forward 1 seeds every codeword from the batch's query vectors
-    query = emb.sequences.embeddings["item__query"].weight.detach()
+    query = emb.plain_weight("item__query").detach()
     with torch.no_grad():
         method.codebooks[0, 5:] = 100.0  # far from every query: unused from now on
         method.usage.zero_()

@@ -94,9 +94,24 @@ class CompressedEmbeddings(nn.Module):
                 else:
                     seq_configs.append(EmbeddingConfig(**common))
         self.bags = EmbeddingBagCollection(bag_configs, device=device) if bag_configs else None
-        self.sequences = EmbeddingCollection(seq_configs, device=device) if seq_configs else None
+        by_dim: dict[str, list[EmbeddingConfig]] = {}  # TorchRec's EmbeddingCollection needs one dim
+        for config in seq_configs:
+            by_dim.setdefault(f"dim{config.embedding_dim}", []).append(config)
+        self.sequences = nn.ModuleDict({d: EmbeddingCollection(c, device=device) for d, c in by_dim.items()})
         self._bag_keys = [f for c in bag_configs for f in c.feature_names]
-        self._seq_keys = [f for c in seq_configs for f in c.feature_names]
+        self._seq_keys = {d: [f for c in configs for f in c.feature_names] for d, configs in by_dim.items()}
+
+    def lookups(self) -> list[nn.Module]:
+        """The TorchRec modules holding the plain tables: ``bags`` and one ``sequences`` module per dim."""
+        return [m for m in (self.bags, *self.sequences.values()) if m is not None]
+
+    def plain_weight(self, table: str) -> torch.Tensor:
+        """The rows of plain table ``table`` (e.g. ``item__hashed``) of an unsharded collection."""
+        for module in self.lookups():
+            for key, value in module.state_dict().items():
+                if key.endswith(f".{table}.weight"):
+                    return value
+        raise ConfigError(f"no plain table '{table}'")
 
     @property
     def feature_names(self) -> list[str]:
@@ -122,7 +137,9 @@ class CompressedEmbeddings(nn.Module):
                 plan.append((spec, method, feature, ids, lengths, kept))
         stride = features.stride()
         bags = self._lookup(self.bags, self._bag_keys, streams, stride)
-        sequences = self._lookup(self.sequences, self._seq_keys, streams, stride)
+        sequences = {}
+        for name, module in self.sequences.items():
+            sequences |= self._lookup(module, self._seq_keys[name], streams, stride)
         out = {}
         for spec, method, feature, ids, lengths, kept in plan:
             keys = [f"{feature}__{s}" for s in range(len(kept))]

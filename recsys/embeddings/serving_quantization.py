@@ -93,18 +93,19 @@ def quantize_tables(collection: CompressedEmbeddings, dtype: QuantDtype) -> Comp
     if not isinstance(collection, CompressedEmbeddings):
         raise ConfigError(f"quantize_tables: expected a CompressedEmbeddings, got {type(collection).__name__} "
                           f"(unwrap a DistributedModelParallel model to its unsharded collection first)")
-    for name, expected in (("bags", EmbeddingBagCollection), ("sequences", EmbeddingCollection)):
-        module = getattr(collection, name)
+    modules = [("bags", collection.bags, EmbeddingBagCollection)]
+    modules += [(f"sequences.{d}", m, EmbeddingCollection) for d, m in collection.sequences.items()]
+    for name, module, expected in modules:
         if module is not None and type(module) is not expected:
             raise ConfigError(
                 f"quantize_tables: collection.{name} is a {_qualname(type(module))}, expected {_qualname(expected)}; "
                 f"quantize an unsharded float collection (load a sharded model's state dict into an unsharded "
                 f"CompressedEmbeddings first; an already quantized one cannot be re-quantized)")
     # Deep-copy everything but the float tables (the memo maps them to None), then swap them in.
-    skip = {id(m): None for m in (collection.bags, collection.sequences) if m is not None}
+    skip = {id(m): None for m in collection.lookups()}
     quantized = copy.deepcopy(collection, skip)
     quantized.bags = None if collection.bags is None else _quantize(collection.bags, dtype)
-    quantized.sequences = None if collection.sequences is None else _quantize(collection.sequences, dtype)
+    quantized.sequences = nn.ModuleDict({d: _quantize(m, dtype) for d, m in collection.sequences.items()})
     quantized.requires_grad_(False)
     return quantized.eval()
 
