@@ -38,8 +38,9 @@ def run(cfg: DictConfig) -> dict:
         metrics = fit(model, data, trainer, log=mlrun.log_metrics)
         memory = model.memory()
         mlrun.log_metrics(metrics, prefix="test_")
-        mlrun.log_metrics({**{f"{name}": b for name, b in memory.items()}, "total": sum(memory.values())},
-                          prefix="table_bytes_")
+        mlrun.log_metrics({**memory, "total": sum(memory.values())}, prefix="table_bytes_")
+        if hasattr(model, "memory_parts"):  # tables, codebooks, codes, id maps, projections
+            mlrun.log_dict(model.memory_parts(), "table_memory.json")
     return {"metrics": metrics, "popularity": baseline, "memory": memory, "run_id": mlrun.id,
             "tracking_uri": tracker.uri}
 

@@ -1,5 +1,6 @@
 """The real config tree composes, every group instantiates, and the pipelines run end to end."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,9 @@ def test_train_pipeline_logs_a_complete_mlflow_run(compose_config, tmp_path):
     assert len(client.get_metric_history(result["run_id"], "loss")) == 2  # one per epoch
     assert logged.data.params["model.dim"] == "16"
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
-    assert {"config.yaml", "data_manifest.json"} <= artifacts
+    assert {"config.yaml", "data_manifest.json", "table_memory.json"} <= artifacts
+    parts = client.download_artifacts(result["run_id"], "table_memory.json", str(tmp_path))
+    assert sum(json.loads(Path(parts).read_text()).values()) == metrics["table_bytes_total"]
 
 
 @pytest.mark.integration
@@ -82,3 +85,21 @@ def test_multirun_sweep_makes_one_mlflow_run_per_job(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("recsys").experiment_id])
     assert sorted(r.data.params["model.dim"] for r in runs) == ["16", "8"]
     assert all(r.info.status == "FINISHED" and "test_recall_at_20" in r.data.metrics for r in runs)
+
+
+@pytest.mark.parametrize("embedding", _options("embedding"))
+def test_every_embedding_config_builds_the_mf_tables(compose_config, embedding, tiny_interactions):
+    from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
+    from recsys.embeddings.spec import TableStats
+    from recsys.models.mf import mf_specs
+
+    settings = instantiate(compose_config("train", (f"embedding={embedding}",)).embedding)
+    assert isinstance(settings, EmbeddingSettings)
+    data, graph = tiny_interactions, tiny_interactions.graph()
+    stats = {"user": TableStats(counts=data.user_counts(), graph=graph, side="user"),
+             "item": TableStats(counts=data.item_counts(), graph=graph, side="item")}
+    emb = CompressedEmbeddings(mf_specs(data.n_users, data.n_items, 64), settings, stats)
+    full = (data.n_users + data.n_items) * 64 * 4
+    budget = getattr(settings.default, "budget", None)
+    total = sum(emb.memory().values())
+    assert total <= (budget or 1.0) * full or embedding == "vq_e2e"  # vq_e2e trains a full query table

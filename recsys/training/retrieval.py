@@ -149,3 +149,6 @@ class MFRetrieval:
 
     def memory(self) -> dict[str, int]:
         return self.embeddings.memory()
+
+    def memory_parts(self) -> dict[str, int]:
+        return self.embeddings.memory_parts()
