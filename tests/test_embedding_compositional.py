@@ -124,6 +124,7 @@ def test_k_partitions_map_distinct_ids_to_distinct_digit_tuples(n, partitions):
 
 @pytest.mark.parametrize("combiner", ["mult", "add", "concat"])
 def test_combiners_are_product_sum_and_concat_of_the_rows(combiner):
+    """mult is quotient * (1 + remainder): the product parametrised around the first table."""
     if combiner == "concat" and not MIXED_WIDTHS:
         pytest.xfail(MIXED_WIDTHS_NOTE.replace("3 tables of D=8 has widths 3, 3, 2", "2 tables of D=9: 5, 4"))
     spec = TableSpec("item", 30, 9, ("item",), pooling="none")
@@ -132,7 +133,7 @@ def test_combiners_are_product_sum_and_concat_of_the_rows(combiner):
     emb = CompressedEmbeddings([spec], EmbeddingSettings(default=QuotientRemainder(collisions=4, combiner=combiner)))
     weights = {match[1]: v for k, v in emb.state_dict().items() if (match := TABLE_KEY.search(k))}
     q, r = weights["item__quotient"][ids // 4], weights["item__remainder"][ids % 4]
-    expected = {"mult": torch.mul, "add": torch.add, "concat": lambda a, b: torch.cat([a, b], 1)}[combiner](q, r)
+    expected = {"mult": lambda a, b: a * (1 + b), "add": torch.add, "concat": lambda a, b: torch.cat([a, b], 1)}[combiner](q, r)
     if combiner == "concat":  # odd D: the quotient table is ceil(9/2) wide, the remainder floor(9/2)
         assert (q.shape[1], r.shape[1]) == (5, 4)
     torch.testing.assert_close(emb(kjt)["item"].values(), expected)

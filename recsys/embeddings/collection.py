@@ -151,8 +151,7 @@ class CompressedEmbeddings(nn.Module):
                 if spec.pooling == "none":
                     out[feature] = JaggedTensor(values=per_id, lengths=lengths)
                     continue
-                bag = torch.repeat_interleave(torch.arange(len(lengths), device=ids.device), lengths)
-                vector = per_id.new_zeros(len(lengths), per_id.shape[1]).index_add_(0, bag, per_id)
+                vector = per_id if bool((lengths == 1).all()) else torch.segment_reduce(per_id, "sum", lengths=lengths)
             if spec.pooling == "mean":
                 vector = vector / lengths.clamp(min=1).unsqueeze(1).to(vector.dtype)
             out[feature] = vector

@@ -16,7 +16,11 @@ trick is the k = 2 case: streams ``(id // m, id % m)`` read ``ceil(N/m)`` and ``
 
 The looked-up rows are combined by
 
-* ``mult``: elementwise product (not linear, so ids are combined one by one, then pooled);
+* ``mult``: elementwise product (not linear, so ids are combined one by one, then pooled),
+  parametrised as ``e_0 * (1 + e_1) * ... * (1 + e_{k-1})`` over the streams in order: every
+  table starts near zero like any plain table, so the product starts as the first table and the
+  others learn multiplicative corrections around 1 (the plain product of near-zero rows would
+  start, and learn, orders of magnitude smaller);
 * ``add``: sum (additive, pooled inside FBGEMM's kernels);
 * ``concat``: concatenation of narrower tables whose widths add up to D (additive as well:
   the concatenation of pooled sums is the pooled sum of the concatenations). Widths are
@@ -79,7 +83,7 @@ class CompositionalTables(Method):
 
     def combine(self, parts: list[torch.Tensor], ids: torch.Tensor | None) -> torch.Tensor:
         if self.combiner == "mult":
-            return reduce(torch.mul, parts)
+            return reduce(lambda product, part: product * (1 + part), parts[1:], parts[0])
         if self.combiner == "add":
             return reduce(torch.add, parts)
         return torch.cat(parts, dim=1)
