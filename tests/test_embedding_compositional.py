@@ -19,22 +19,6 @@ from recsys.training.retrieval import MFRetrieval
 from tests.embedding_contract import EmbeddingContract
 
 
-def _unpooled_tables_may_differ_in_dim() -> bool:
-    """Whether the collection can hold unpooled tables of different widths (TorchRec's
-    EmbeddingCollection wants one dim for all its tables)."""
-    try:
-        CompressedEmbeddings([TableSpec("a", 4, 2, ("a",), pooling="none"),
-                              TableSpec("b", 4, 3, ("b",), pooling="none")])
-    except ValueError:
-        return False
-    return True
-
-
-MIXED_WIDTHS = _unpooled_tables_may_differ_in_dim()
-MIXED_WIDTHS_NOTE = ("the collection puts every unpooled table in one TorchRec EmbeddingCollection, which needs "
-                     "equal dims; concat over 3 tables of D=8 has widths 3, 3, 2")
-
-
 class TestQuotientRemainderMult(EmbeddingContract):
     def compression(self, spec):
         return QuotientRemainder(collisions=8, combiner="mult")
@@ -78,16 +62,6 @@ class TestCompositionalConcat(EmbeddingContract):
     def uncompressed(self, spec):
         return Compositional(partitions=[spec.num_embeddings], combiner="concat")
 
-    @pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
-    def test_output_shapes(self, pooling):
-        if pooling == "none" and not MIXED_WIDTHS:
-            pytest.xfail(MIXED_WIDTHS_NOTE)
-        super().test_output_shapes(pooling)
-
-    def test_pooled_equals_the_pooled_per_id_vectors(self):
-        if not MIXED_WIDTHS:
-            pytest.xfail(MIXED_WIDTHS_NOTE)
-        super().test_pooled_equals_the_pooled_per_id_vectors()
 
 
 def _pairs_are_distinct(method: CompositionalTables, n: int) -> None:
@@ -125,8 +99,6 @@ def test_k_partitions_map_distinct_ids_to_distinct_digit_tuples(n, partitions):
 @pytest.mark.parametrize("combiner", ["mult", "add", "concat"])
 def test_combiners_are_product_sum_and_concat_of_the_rows(combiner):
     """mult is quotient * (1 + remainder): the product parametrised around the first table."""
-    if combiner == "concat" and not MIXED_WIDTHS:
-        pytest.xfail(MIXED_WIDTHS_NOTE.replace("3 tables of D=8 has widths 3, 3, 2", "2 tables of D=9: 5, 4"))
     spec = TableSpec("item", 30, 9, ("item",), pooling="none")
     ids = torch.tensor([0, 7, 29, 13])
     kjt = KeyedJaggedTensor.from_lengths_sync(["item"], ids, torch.tensor([3, 1]))

@@ -15,7 +15,7 @@ from recsys.embeddings.spec import TableSpec, TableStats
 from recsys.errors import ConfigError
 from recsys.training.loop import TrainerConfig
 from tests.conftest import ROOT
-from tests.embedding_contract import N, EmbeddingContract, batch, build, stats, tensor_bytes_of
+from tests.embedding_contract import N, EmbeddingContract, batch, build, tensor_bytes_of
 
 
 class TestHashing(EmbeddingContract):

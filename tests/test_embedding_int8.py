@@ -33,7 +33,6 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from recsys.embeddings.base import Compression, Method, PlainTable
 from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
-from recsys.embeddings.full import Full
 from recsys.embeddings.graph_hash import GraphHash
 from recsys.embeddings.hashing import DoubleHashing
 from recsys.embeddings.serving_quantization import TrimmedLookup, quantize_tables

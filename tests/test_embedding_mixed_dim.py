@@ -19,38 +19,7 @@ from recsys.training.retrieval import MFRetrieval
 from tests.embedding_contract import D, EmbeddingContract
 
 
-def _unpooled_tables_may_differ_in_dim() -> bool:
-    """Whether the collection can hold unpooled tables of different widths (TorchRec's
-    EmbeddingCollection wants one dim for all its tables)."""
-    try:
-        CompressedEmbeddings([TableSpec("a", 4, 2, ("a",), pooling="none"),
-                              TableSpec("b", 4, 3, ("b",), pooling="none")])
-    except ValueError:
-        return False
-    return True
-
-
-MIXED_WIDTHS = _unpooled_tables_may_differ_in_dim()
-MIXED_WIDTHS_NOTE = ("the collection puts every unpooled table in one TorchRec EmbeddingCollection, which needs "
-                     "equal dims; the blocks have different dims")
-
-
-class MixedWidthContract(EmbeddingContract):
-    """The contract; the unpooled cases wait for per-dim EmbeddingCollections in the collection."""
-
-    @pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
-    def test_output_shapes(self, pooling):
-        if pooling == "none" and not MIXED_WIDTHS:
-            pytest.xfail(MIXED_WIDTHS_NOTE)
-        super().test_output_shapes(pooling)
-
-    def test_pooled_equals_the_pooled_per_id_vectors(self):
-        if not MIXED_WIDTHS:
-            pytest.xfail(MIXED_WIDTHS_NOTE)
-        super().test_pooled_equals_the_pooled_per_id_vectors()
-
-
-class TestMixedDimension(MixedWidthContract):
+class TestMixedDimension(EmbeddingContract):
     def compression(self, spec):
         return MixedDimension(blocks=4, alpha=0.5, base_dim=spec.dim)
 
@@ -58,12 +27,12 @@ class TestMixedDimension(MixedWidthContract):
         return MixedDimension(blocks=1, alpha=0.0, base_dim=spec.dim)
 
 
-class TestMixedDimensionBudget(MixedWidthContract):
+class TestMixedDimensionBudget(EmbeddingContract):
     def compression(self, spec):
         return MixedDimension(blocks=3, alpha=1.0, budget=0.5, dim_multiple=1)
 
 
-class TestMixedDimensionFractions(MixedWidthContract):
+class TestMixedDimensionFractions(EmbeddingContract):
     def compression(self, spec):
         return MixedDimension(blocks=[0.25, 0.75], alpha=0.3, base_dim=6, dim_multiple=1)
 
