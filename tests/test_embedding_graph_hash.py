@@ -19,7 +19,7 @@ class TestGraphHash(EmbeddingContract):
 
 def test_one_cluster_per_id_reproduces_the_full_table():
     spec = TableSpec("item", N, 4, ("item",))
-    method = GraphHash().build(spec, TableStats(clusters=np.arange(N)[::-1].copy()))
+    method = GraphHash(budget=None, rows=N).build(spec, TableStats(clusters=np.arange(N)[::-1].copy()))
     assert method.plain_tables()[0].rows == N
     ids = torch.arange(N)
     assert len(set(method.transform(ids)[0].tolist())) == N  # a bijection: no two ids share a row
@@ -71,3 +71,22 @@ def test_mf_trains_with_graph_hash(tiny_interactions, tmp_path):
     assert np.isfinite(task.train_epoch(0, None)["loss"])
     full = (tiny_interactions.n_users + tiny_interactions.n_items) * 8 * 4
     assert sum(task.memory().values()) <= 0.25 * full
+
+
+def test_prepare_computes_clusters_and_graph_hash_folds_them_to_the_budget(tmp_path):
+    from recsys.data.dataset import PreparedData
+    from recsys.data.prepare import InteractionFilters, SourceConfig, prepare_interactions
+    from recsys.data.splits import SplitConfig
+    from tests.conftest import TINY
+
+    manifest = prepare_interactions(SourceConfig("synthetic", str(tmp_path / "raw.parquet"), generator=TINY),
+                                    tmp_path / "p", InteractionFilters(), SplitConfig(), graph_clusters=4.0)
+    data = PreparedData.open(tmp_path / "p")
+    items = data.clusters("item")
+    assert items.shape == (data.n_items,) and len(set(items)) == manifest["graph_clusters"]["item"] > 1
+    spec = TableSpec("item", data.n_items, 8, ("item",))
+    for budget in (0.5, 0.05):
+        method = GraphHash(budget=budget).build(spec, TableStats(clusters=items))
+        assert method.plain_tables()[0].rows * 32 + method.extra_memory() <= budget * spec.full_bytes
+        kept = method.transform(torch.arange(data.n_items))[0]
+        assert len(kept.unique()) == min(len(set(items)), method.plain_tables()[0].rows)

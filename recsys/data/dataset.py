@@ -93,6 +93,11 @@ class PreparedData:
         table = pq.read_table(self.path(split), columns=[USER, ITEM])
         return InteractionGraph(table[USER].to_numpy(), table[ITEM].to_numpy(), self.n_users, self.n_items)
 
+    def clusters(self, side: str) -> np.ndarray | None:
+        """Graph cluster id per ``user`` or ``item`` index, if prepare computed them (else None)."""
+        path = self.root / "clusters" / f"{side}.parquet"
+        return pq.read_table(path)["cluster"].to_numpy() if path.is_file() else None
+
     def item_counts(self, split: str = "train") -> np.ndarray:
         """Interactions per item index in a split: shape (n_items,)."""
         return self._counts(split, ITEM, self.n_items)

@@ -65,7 +65,17 @@ def clusters_near(graph: InteractionGraph, side: str, target: int, seed: int = 0
             high = middle
     if best is None:  # disconnected parts never merge: fold the smallest clusters together
         best = leiden_clusters(graph, math.exp(low), seed)[pick]
-    labels, sizes = np.unique(best, return_inverse=True, return_counts=True)[1:]
+    return fold_clusters(best, target)
+
+
+def fold_clusters(labels: np.ndarray, target: int) -> np.ndarray:
+    """Renumbers clusters 0..C-1 by decreasing size; beyond ``target`` the smallest share the last id.
+
+    Example:
+        >>> fold_clusters(np.array([5, 5, 5, 2, 2, 9]), 2).tolist()
+        [0, 0, 0, 1, 1, 1]
+    """
+    labels, sizes = np.unique(labels, return_inverse=True, return_counts=True)[1:]
     rank = np.empty_like(sizes)
     rank[np.argsort(-sizes, kind="stable")] = np.arange(len(sizes))
     return np.minimum(rank[labels], target - 1)

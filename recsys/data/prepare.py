@@ -134,8 +134,12 @@ def _reader(source: SourceConfig) -> tuple[Path, Iterator]:
 
 def prepare_interactions(source: SourceConfig, out_dir: str | Path, filters: InteractionFilters,
                          split_cfg: SplitConfig, max_bad_fraction: float = 0.01,
-                         settings: dict | None = None) -> dict:
+                         settings: dict | None = None, graph_clusters: float | None = None) -> dict:
     """Reads, validates, filters, indexes and splits interactions; returns the manifest.
+
+    With ``graph_clusters`` (a modularity resolution), users and items are also clustered by
+    Leiden on the training interaction graph, into ``clusters/user.parquet`` and ``clusters/item.parquet``
+    (one cluster id per index), for GraphHash.
 
     Example:
         >>> prepare_interactions(SourceConfig("movielens", "u.data"), "prepared/ml",
@@ -190,6 +194,17 @@ def prepare_interactions(source: SourceConfig, out_dir: str | Path, filters: Int
     (out / "vocab").mkdir(exist_ok=True)
     users.save(out / "vocab" / f"{USER}.parquet")
     items.save(out / "vocab" / f"{ITEM}.parquet")
+    clusters = None
+    if graph_clusters is not None:
+        from recsys.data.graph import leiden_clusters
+        from recsys.embeddings.spec import InteractionGraph
+        train = parts["train"]
+        graph = InteractionGraph(train[USER].to_numpy(), train[ITEM].to_numpy(), len(users), len(items))
+        (out / "clusters").mkdir(exist_ok=True)
+        labels = dict(zip((USER, ITEM), leiden_clusters(graph, graph_clusters, split_cfg.seed)))
+        for side, values in labels.items():
+            pq.write_table(pa.table({"cluster": values.astype(np.int64)}), out / "clusters" / f"{side}.parquet")
+        clusters = {"resolution": graph_clusters, **{s: int(len(np.unique(v))) for s, v in labels.items()}}
     manifest = {
         "kind": "interactions",
         "schema": {"columns": schema.prepared().names},
@@ -197,6 +212,7 @@ def prepare_interactions(source: SourceConfig, out_dir: str | Path, filters: Int
         "vocab_sizes": {USER: len(users), ITEM: len(items)},
         "split": asdict(split_cfg),
         "filters": asdict(filters),
+        "graph_clusters": clusters,
     }
     return _finish(out, manifest, [path], quarantine, settings)
 

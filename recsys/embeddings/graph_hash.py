@@ -55,8 +55,9 @@ class GraphHash(Compression):
         rows: explicit number of clusters to aim for (used when budget is None).
         seed: seed of the clustering.
 
-    Clusters come from ``TableStats.clusters`` when prepare computed them (used as they are),
-    else from clustering ``TableStats.graph`` here.
+    Clusters come from ``TableStats.clusters`` when prepare computed them (``data.graph_clusters``;
+    beyond the budget's rows the smallest clusters share one), else from clustering
+    ``TableStats.graph`` here at the resolution that fits the budget.
     """
 
     budget: float | None = 0.25
@@ -64,11 +65,8 @@ class GraphHash(Compression):
     seed: int = 0
 
     def build(self, spec: TableSpec, stats: TableStats | None = None) -> GraphHashTable:
-        if stats is not None and stats.clusters is not None:
-            return GraphHashTable(spec, np.unique(stats.clusters, return_inverse=True)[1])
-        if stats is None or stats.graph is None or stats.side is None:
-            raise ConfigError(f"GraphHash on table '{spec.name}' needs the training graph or precomputed clusters "
-                              "(TableStats.graph and side, or TableStats.clusters)")
+        from recsys.data.graph import clusters_near, fold_clusters
+
         if self.budget is None and self.rows is None:
             raise ConfigError("GraphHash needs budget or rows")
         target = self.rows
@@ -77,5 +75,9 @@ class GraphHash(Compression):
             target = int((self.budget * spec.full_bytes - id_map) // (spec.dim * 4))
         if target < 1:
             raise ConfigError(f"GraphHash budget {self.budget} leaves no row for table '{spec.name}'")
-        from recsys.data.graph import clusters_near
+        if stats is not None and stats.clusters is not None:  # computed by prepare: the smallest share rows
+            return GraphHashTable(spec, fold_clusters(stats.clusters, target))
+        if stats is None or stats.graph is None or stats.side is None:
+            raise ConfigError(f"GraphHash on table '{spec.name}' needs the training graph or precomputed clusters "
+                              "(TableStats.graph and side, or TableStats.clusters)")
         return GraphHashTable(spec, clusters_near(stats.graph, stats.side, target, self.seed))

@@ -76,8 +76,8 @@ class MFRetrieval:
         self.popularity = NegativeSampler(counts, "popularity")
         torch.manual_seed(trainer.seed)
         graph = data.graph("train")
-        stats = {USER: TableStats(counts=data.user_counts("train"), graph=graph, side="user"),
-                 ITEM: TableStats(counts=counts, graph=graph, side="item")}
+        stats = {USER: TableStats(data.user_counts("train"), data.clusters(USER), graph, "user"),
+                 ITEM: TableStats(counts, data.clusters(ITEM), graph, "item")}
         embeddings = CompressedEmbeddings(mf_specs(data.n_users, data.n_items, dim), embedding, stats,
                                           device=torch.device("meta"))
         table_optimizer = table_optimizer or TableOptimizer()
