@@ -227,14 +227,14 @@ def test_budgets_are_respected():
                 assert pq_bytes(N, D, s, k) <= budget * full
             emb = build(ProductQuantization(subspaces=subspaces, budget=budget))
             assert sum(emb.memory().values()) <= budget * full
-    assert plan_codebooks(N, D, 0.25) == (4, 8)  # 256 code bytes + 8 * 8 * 4 codebook bytes = 512
+    assert plan_codebooks(N, D, 0.25) == (2, 12)  # widths D/S multiple of 4: 128 code bytes + 12 * 8 * 4 = 512
     assert plan_codebooks(1_000_000, 64, 0.05) == (8, 256)
     assert plan_codebooks(1_000_000, 64, 0.05, subspaces=4) == (4, 18750)  # int16 codes
     assert plan_codebooks(1_000, 64, 100.0, subspaces=1)[1] == 1_000  # never more codewords than rows
     sizes = [plan_codebooks(10_000, 32, b, 4)[1] for b in (0.05, 0.1, 0.2, 0.4)]
     assert sizes == sorted(sizes) and len(set(sizes)) == 4
     pq = ProductQuantization.from_table(low_rank(N, D), subspaces=None, budget=0.25)
-    assert (pq.subspaces, pq.codewords, pq.budget) == (4, 8, None)
+    assert (pq.subspaces, pq.codewords, pq.budget) == (2, 12, None)
 
 
 class _BadInit(Compression):

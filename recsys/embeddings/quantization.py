@@ -83,7 +83,8 @@ def plan_codebooks(num_embeddings: int, dim: int, budget: float, subspaces: int 
     """(S, K) whose codes + codebooks fit ``budget`` times the float32 table's bytes.
 
     With ``subspaces`` given only K is chosen (the largest that fits, at most N). With
-    ``subspaces=None``, S is chosen among the divisors of D too, maximising the code bits
+    ``subspaces=None``, S is chosen among the divisors of D whose width D/S is a multiple of 4
+    (what FBGEMM's kernels take; any divisor when none is), maximising the code bits
     ``S * log2(K)`` (ties go to fewer subspaces).
 
     Args:
@@ -105,7 +106,9 @@ def plan_codebooks(num_embeddings: int, dim: int, budget: float, subspaces: int 
     limit = budget * full
     if subspaces is not None:
         _check_subspaces(table, dim, subspaces)
-    options = [subspaces] if subspaces is not None else [s for s in range(1, dim + 1) if dim % s == 0]
+    # FBGEMM's fused kernels need table widths divisible by 4: prefer subspaces of such widths.
+    divisors = [s for s in range(1, dim + 1) if dim % s == 0]
+    options = [subspaces] if subspaces is not None else [s for s in divisors if (dim // s) % 4 == 0] or divisors
     best = None
     for s in options:
         k = _largest_codewords(num_embeddings, dim, s, limit)
