@@ -1,6 +1,6 @@
 """Per-epoch checkpoints with torch.distributed.checkpoint (sharded, rank-count independent).
 
-A checkpoint directory holds ``epoch_XXXX/`` folders written by ``dcp.save`` plus a
+A checkpoint directory holds ``epoch_<n>/`` (four digits) folders written by ``dcp.save`` plus a
 ``latest.json`` pointer, written last, so an interrupted save is never picked up.
 
 Every rank calls ``save`` and ``load`` (each writes and reads its own shards). A checkpoint
