@@ -59,6 +59,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from pipelines.prepare import ensure_prepared  # noqa: E402
+from pipelines.train import build_model  # noqa: E402
 from recsys.evaluation import PopularityScorer  # noqa: E402
 from recsys.tracking.mlflow_run import Tracker  # noqa: E402
 from recsys.training.loop import evaluate, fit  # noqa: E402
@@ -120,8 +121,7 @@ def run_ours(cfg, data, run, split: str = "test") -> dict:
     """Trains cfg.model with recsys.training.loop.fit; returns its record."""
     torch.manual_seed(SEED)
     trainer = instantiate(cfg.trainer)
-    model = instantiate({k: v for k, v in cfg.model.items() if k != "name"}, data=data, trainer=trainer,
-                        _convert_="object")
+    model = build_model(cfg, data, trainer)
     epochs: list[float] = []
 
     def log(metrics, step):

@@ -20,6 +20,12 @@ from recsys.training.loop import evaluate, fit
 log = logging.getLogger("pipelines.train")  # not __name__: that is "__main__" under `python -m`
 
 
+def build_model(cfg: DictConfig, data, trainer):
+    """Instantiates ``cfg.model`` (a Trainable) on prepared ``data`` with the loop settings."""
+    return instantiate({k: v for k, v in cfg.model.items() if k != "name"}, data=data, trainer=trainer,
+                       _convert_="object")
+
+
 def run(cfg: DictConfig) -> dict:
     """Prepares data, trains ``cfg.model``, logs to MLflow; returns metrics, baseline and run id."""
     trainer = instantiate(cfg.trainer)
@@ -33,8 +39,7 @@ def run(cfg: DictConfig) -> dict:
         mlrun.log_dict(data.manifest, "data_manifest.json")
         baseline = evaluate(PopularityScorer(data.matrix("train")), data, "test", trainer.eval_ks, trainer.eval_batch_size)
         mlrun.log_metrics(baseline, prefix="popularity_")
-        model_args = {k: v for k, v in cfg.model.items() if k != "name"}
-        model = instantiate(model_args, data=data, trainer=trainer, _convert_="object")
+        model = build_model(cfg, data, trainer)
         metrics = fit(model, data, trainer, log=mlrun.log_metrics)
         memory = model.memory()
         mlrun.log_metrics(metrics, prefix="test_")

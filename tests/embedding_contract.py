@@ -138,3 +138,14 @@ def _copy_tables(source: CompressedEmbeddings, target: CompressedEmbeddings) -> 
             with torch.no_grad():
                 value[:rows].copy_(match[:rows])
     target.methods.load_state_dict(source.methods.state_dict())
+
+
+def mf_one_epoch(data, tmp_path, compression: Compression, dim: int, batch_size: int = 1024):
+    """Trains MF one epoch with both tables compressed; returns (task, loss, full bytes per table)."""
+    from recsys.training.loop import TrainerConfig
+    from recsys.training.retrieval import MFRetrieval
+
+    trainer = TrainerConfig(epochs=1, batch_size=batch_size, checkpoint_dir=str(tmp_path), progress=False)
+    task = MFRetrieval(data, trainer, dim=dim, embedding=EmbeddingSettings(default=compression))
+    loss = task.train_epoch(0, None)["loss"]
+    return task, loss, {"user": data.n_users * dim * 4, "item": data.n_items * dim * 4}

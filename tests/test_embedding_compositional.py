@@ -14,9 +14,7 @@ from recsys.embeddings.compositional import (Compositional, CompositionalTables,
 from recsys.embeddings.memory import TABLE_KEY
 from recsys.embeddings.spec import TableSpec
 from recsys.errors import ConfigError
-from recsys.training.loop import TrainerConfig
-from recsys.training.retrieval import MFRetrieval
-from tests.embedding_contract import EmbeddingContract
+from tests.embedding_contract import mf_one_epoch, EmbeddingContract
 
 
 class TestQuotientRemainderMult(EmbeddingContract):
@@ -203,12 +201,9 @@ def test_the_config_instantiates_and_builds_at_a_quarter_budget(compose_config, 
 
 
 def test_mf_trains_one_epoch_on_quotient_remainder_tables(tiny_interactions, tmp_path):
-    task = MFRetrieval(tiny_interactions, TrainerConfig(epochs=1, checkpoint_dir=str(tmp_path), progress=False),
-                       dim=16, embedding=EmbeddingSettings(default=QuotientRemainder(budget=0.25)))
+    task, loss, full = mf_one_epoch(tiny_interactions, tmp_path, QuotientRemainder(budget=0.25), dim=16)
     memory = task.embeddings.memory()
-    full = {"user": tiny_interactions.n_users * 16 * 4, "item": tiny_interactions.n_items * 16 * 4}
     assert all(memory[t] <= 0.25 * full[t] for t in full)
-    loss = task.train_epoch(0, None)["loss"]
     assert math.isfinite(loss) and loss > 0
 
 

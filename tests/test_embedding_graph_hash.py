@@ -3,13 +3,10 @@ import pytest
 import torch
 
 from recsys.data.graph import clusters_near, leiden_clusters
-from recsys.embeddings.collection import EmbeddingSettings
 from recsys.embeddings.graph_hash import GraphHash
 from recsys.embeddings.spec import InteractionGraph, TableSpec, TableStats
 from recsys.errors import ConfigError
-from recsys.training.loop import TrainerConfig
-from recsys.training.retrieval import MFRetrieval
-from tests.embedding_contract import EmbeddingContract, N
+from tests.embedding_contract import mf_one_epoch, EmbeddingContract, N
 
 
 class TestGraphHash(EmbeddingContract):
@@ -66,11 +63,9 @@ def test_graph_hash_needs_the_graph():
 
 
 def test_mf_trains_with_graph_hash(tiny_interactions, tmp_path):
-    cfg = TrainerConfig(epochs=1, checkpoint_dir=str(tmp_path), progress=False)
-    task = MFRetrieval(tiny_interactions, cfg, dim=8, embedding=EmbeddingSettings(default=GraphHash(budget=0.25)))
-    assert np.isfinite(task.train_epoch(0, None)["loss"])
-    full = (tiny_interactions.n_users + tiny_interactions.n_items) * 8 * 4
-    assert sum(task.memory().values()) <= 0.25 * full
+    task, loss, full = mf_one_epoch(tiny_interactions, tmp_path, GraphHash(budget=0.25), dim=8)
+    assert np.isfinite(loss)
+    assert sum(task.memory().values()) <= 0.25 * sum(full.values())
 
 
 def test_prepare_computes_clusters_and_graph_hash_folds_them_to_the_budget(tmp_path):

@@ -13,9 +13,8 @@ from recsys.embeddings.hashing import (DoubleHashing, FrequencyHashing, HashEmbe
                                        MultiHash, hash_ids, stream_seed)
 from recsys.embeddings.spec import TableSpec, TableStats
 from recsys.errors import ConfigError
-from recsys.training.loop import TrainerConfig
 from tests.conftest import ROOT
-from tests.embedding_contract import N, EmbeddingContract, batch, build, tensor_bytes_of
+from tests.embedding_contract import mf_one_epoch, N, EmbeddingContract, batch, build, tensor_bytes_of
 
 
 class TestHashing(EmbeddingContract):
@@ -299,13 +298,8 @@ def test_every_yaml_instantiates_at_a_quarter_budget(name, cls, streams):
 @pytest.mark.parametrize("compression", [Hashing(budget=0.25), FrequencyHashing(budget=0.25)],
                          ids=["hashing", "frequency"])
 def test_mf_trains_one_epoch_within_the_budget(tiny_interactions, tmp_path, compression):
-    from recsys.training.retrieval import MFRetrieval
-
-    trainer = TrainerConfig(epochs=1, batch_size=512, checkpoint_dir=str(tmp_path), progress=False)
-    task = MFRetrieval(tiny_interactions, trainer, dim=8, embedding=EmbeddingSettings(default=compression))
-    loss = task.train_epoch(0, None)["loss"]
+    task, loss, full = mf_one_epoch(tiny_interactions, tmp_path, compression, dim=8, batch_size=512)
     assert np.isfinite(loss) and 0 < loss < 0.7  # below BPR's log 2 at the start
-    full = {"user": tiny_interactions.n_users * 8 * 4, "item": tiny_interactions.n_items * 8 * 4}
     memory = task.memory()
     assert all(0 < memory[t] <= full[t] / 4 for t in full), (memory, full)
     scores = task.score_users(torch.arange(1, 4))

@@ -14,9 +14,7 @@ from recsys.embeddings.memory import TABLE_KEY
 from recsys.embeddings.mixed_dim import MixedDimension, MixedDimensionTables
 from recsys.embeddings.spec import TableSpec, TableStats
 from recsys.errors import ConfigError, DataError
-from recsys.training.loop import TrainerConfig
-from recsys.training.retrieval import MFRetrieval
-from tests.embedding_contract import D, EmbeddingContract
+from tests.embedding_contract import mf_one_epoch, D, EmbeddingContract
 
 
 class TestMixedDimension(EmbeddingContract):
@@ -191,10 +189,7 @@ def test_small_tables_get_one_block_per_id():
 
 
 def test_mf_trains_one_epoch_on_mixed_dimension_tables(tiny_interactions, tmp_path):
-    task = MFRetrieval(tiny_interactions, TrainerConfig(epochs=1, checkpoint_dir=str(tmp_path), progress=False),
-                       dim=32, embedding=EmbeddingSettings(default=MixedDimension(budget=0.25)))
+    task, loss, full = mf_one_epoch(tiny_interactions, tmp_path, MixedDimension(budget=0.25), dim=32)
     memory = task.embeddings.memory()
-    full = {"user": tiny_interactions.n_users * 32 * 4, "item": tiny_interactions.n_items * 32 * 4}
     assert all(memory[t] <= 0.25 * full[t] for t in full)
-    loss = task.train_epoch(0, None)["loss"]
     assert math.isfinite(loss) and loss > 0
