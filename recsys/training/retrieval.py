@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -71,12 +72,12 @@ class MFRetrieval:
         init_process_group(trainer.distributed)  # fails early when the launch does not match trainer.distributed
         self.data, self.trainer, self.loss, self.temperature = data, trainer, loss, temperature
         self.negatives = negatives or Negatives()
-        counts = data.item_counts("train")
+        graph = data.graph("train")  # the training split, read once: counts come from its edges
+        counts = np.bincount(graph.items, minlength=data.n_items)
         self.sampler = NegativeSampler(counts, self.negatives.distribution, self.negatives.exponent)
         self.popularity = NegativeSampler(counts, "popularity")
         torch.manual_seed(trainer.seed)
-        graph = data.graph("train")
-        stats = {USER: TableStats(data.user_counts("train"), data.clusters(USER), graph, "user"),
+        stats = {USER: TableStats(np.bincount(graph.users, minlength=data.n_users), data.clusters(USER), graph, "user"),
                  ITEM: TableStats(counts, data.clusters(ITEM), graph, "item")}
         embeddings = CompressedEmbeddings(mf_specs(data.n_users, data.n_items, dim), embedding, stats,
                                           device=torch.device("meta"))
