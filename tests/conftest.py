@@ -37,6 +37,19 @@ def tiny_interactions(tmp_path_factory) -> PreparedData:
     return PreparedData.open(out / "prepared")
 
 
+@pytest.fixture(scope="session")
+def ml100k(tmp_path_factory) -> PreparedData:
+    """MovieLens 100K prepared with ``conf/data/ml100k.yaml`` (ratings >= 4, per-user 80/20), once per session."""
+    shared_file("ml-100k/ml-100k.inter")
+    from pipelines.prepare import ensure_prepared
+
+    root = tmp_path_factory.mktemp("ml100k")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="prepare", overrides=["data=ml100k", f"paths.root={root}",
+                                                        f"paths.shared_data={SHARED_DATA}"])
+    return ensure_prepared(cfg.data)
+
+
 @pytest.fixture
 def compose_config(tmp_path):
     """Composes a real primary config, shrunk to CPU-sized settings under ``tmp_path``."""

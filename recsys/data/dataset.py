@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from recsys.data.prepare import MANIFEST
-from recsys.data.schemas import ITEM, USER, CTRSchema
+from recsys.data.schemas import ITEM, TIMESTAMP, USER, CTRSchema
 from recsys.data.vocab import Vocabulary
 from recsys.embeddings.spec import InteractionGraph
 from recsys.errors import DataError
@@ -92,6 +92,21 @@ class PreparedData:
         """The split's interactions as a bipartite user-item graph."""
         table = pq.read_table(self.path(split), columns=[USER, ITEM])
         return InteractionGraph(table[USER].to_numpy(), table[ITEM].to_numpy(), self.n_users, self.n_items)
+
+    def sequences(self, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """Each user's items of a split in time order, as CSR-style ``(indptr, items)``.
+
+        ``items[indptr[u]:indptr[u + 1]]`` are user ``u``'s items ordered by timestamp (ties and data
+        without timestamps keep the file order); ``indptr`` has ``n_users + 1`` entries (int64).
+        """
+        columns = [USER, ITEM] + ([TIMESTAMP] if TIMESTAMP in pq.read_schema(self.path(split)).names else [])
+        table = pq.read_table(self.path(split), columns=columns)
+        users, items = table[USER].to_numpy(), table[ITEM].to_numpy()
+        keys = (table[TIMESTAMP].to_numpy(), users) if TIMESTAMP in columns else (users,)
+        order = np.lexsort(keys)  # stable: by user, then timestamp, then file position
+        indptr = np.zeros(self.n_users + 1, dtype=np.int64)
+        np.cumsum(np.bincount(users, minlength=self.n_users), out=indptr[1:])
+        return indptr, items[order].astype(np.int64)
 
     def clusters(self, side: str) -> np.ndarray | None:
         """Graph cluster id per ``user`` or ``item`` index, if prepare computed them (else None)."""
