@@ -30,8 +30,6 @@ way from the transposed matrix. Two solvers:
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
 from typing import NamedTuple
 
 import numpy as np
@@ -42,6 +40,7 @@ from tqdm.auto import tqdm
 from recsys.data.dataset import PreparedData
 from recsys.embeddings.memory import tensor_bytes
 from recsys.errors import ConfigError
+from recsys.models.settings import check, is_int, is_number
 from recsys.training.loop import TrainerConfig
 
 MAX_BATCH_ELEMENTS = 4 * 2**20  # floats of one batch's padded gather plus its k x k systems
@@ -316,15 +315,6 @@ def _row_ids_of(indptr: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(indptr) - 1), indptr.diff())
 
 
-def _check(ok: bool, field: str, value: object, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"model.{field}={value!r} is invalid: expected {expected}")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 class ImplicitALS:
     """Implicit-feedback matrix factorization trained by alternating least squares; a ``Trainable``.
 
@@ -362,17 +352,15 @@ class ImplicitALS:
                  regularization: float = 10.0, alpha: float = 1.0, init_scale: float = 0.01,
                  dtype: str = "float32", solver: str = "cg", cg_steps: int = 3,
                  compute_loss: bool = True):
-        _check(isinstance(factors, Integral) and not isinstance(factors, bool) and factors >= 1,
-               "factors", factors, "an integer >= 1")
-        _check(_is_number(regularization) and regularization >= 0, "regularization", regularization,
+        check(is_int(factors), "factors", factors, "an integer >= 1")
+        check(is_number(regularization) and regularization >= 0, "regularization", regularization,
                "a finite number >= 0")
-        _check(_is_number(alpha) and alpha >= 0, "alpha", alpha, "a finite number >= 0")
-        _check(_is_number(init_scale) and init_scale >= 0, "init_scale", init_scale, "a finite number >= 0")
-        _check(dtype in _DTYPES, "dtype", dtype, f"one of {sorted(_DTYPES)}")
-        _check(solver in _SOLVERS, "solver", solver, f"one of {list(_SOLVERS)}")
-        _check(isinstance(cg_steps, Integral) and not isinstance(cg_steps, bool) and cg_steps >= 1,
-               "cg_steps", cg_steps, "an integer >= 1")
-        _check(isinstance(compute_loss, bool), "compute_loss", compute_loss, "true or false")
+        check(is_number(alpha) and alpha >= 0, "alpha", alpha, "a finite number >= 0")
+        check(is_number(init_scale) and init_scale >= 0, "init_scale", init_scale, "a finite number >= 0")
+        check(dtype in _DTYPES, "dtype", dtype, f"one of {sorted(_DTYPES)}")
+        check(solver in _SOLVERS, "solver", solver, f"one of {list(_SOLVERS)}")
+        check(is_int(cg_steps), "cg_steps", cg_steps, "an integer >= 1")
+        check(isinstance(compute_loss, bool), "compute_loss", compute_loss, "true or false")
         if data.kind != "interactions":
             raise ConfigError(f"ALS needs an interactions dataset; {data.root} holds {data.kind!r}")
         self.data, self.trainer = data, trainer
