@@ -2,15 +2,19 @@
 
 On several ranks: ``torchrun --nproc_per_node=2 -m pipelines.train trainer.distributed=true ...``
 (rank 0 prepares the data and logs the MLflow run; every rank trains its share and evaluates).
+From Python: ``train("data=ml100k", "model=ease")`` does the same as the command line.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipelines.prepare import ensure_prepared
 from recsys.evaluation import PopularityScorer
@@ -18,6 +22,7 @@ from recsys.training.distributed import init_process_group, is_main, launched, m
 from recsys.training.loop import evaluate, fit
 
 log = logging.getLogger("pipelines.train")  # not __name__: that is "__main__" under `python -m`
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def build_model(cfg: DictConfig, data, trainer):
@@ -48,6 +53,23 @@ def run(cfg: DictConfig) -> dict:
             mlrun.log_dict(model.memory_parts(), "table_memory.json")
     return {"metrics": metrics, "popularity": baseline, "memory": memory, "run_id": mlrun.id,
             "tracking_uri": tracker.uri}
+
+
+def train(*overrides: str) -> dict:
+    """``python -m pipelines.train <overrides>`` as a Python call: composes ``conf/train.yaml`` with the
+    overrides (paths anchored at the current directory unless ``paths.root=...``), trains, logs the
+    MLflow run and returns :func:`run`'s result.
+
+    Example:
+        >>> result = train("data=ml100k", "model=ease", "trainer.epochs=1")  # doctest: +SKIP
+        >>> result["metrics"]["recall@20"], result["run_id"]  # doctest: +SKIP
+    """
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} (run directory, override names) resolve as on the CLI
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return run(cfg)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

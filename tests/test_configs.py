@@ -103,3 +103,17 @@ def test_every_embedding_config_builds_the_mf_tables(compose_config, embedding, 
     budget = getattr(settings.default, "budget", None)
     total = sum(emb.memory().values())
     assert total <= (budget or 1.0) * full or embedding == "vq_e2e"  # vq_e2e trains a full query table
+
+
+@pytest.mark.integration
+def test_python_call_trains_like_the_command_line(tmp_path):
+    from pipelines.train import train
+
+    result = train("model=als", "model.factors=8", "trainer.epochs=2", "trainer.progress=false",
+                   f"paths.root={tmp_path}", *SMALL[:3])
+    logged = MlflowClient(result["tracking_uri"]).get_run(result["run_id"])
+    assert result["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert logged.data.params["model.factors"] == "8" and not any(k.startswith("hydra") for k in logged.data.params)
+    checkpoints = logged.data.params["trainer.checkpoint_dir"]  # ${hydra:job.override_dirname} resolved as on the CLI
+    assert checkpoints.startswith(f"{tmp_path}/checkpoints/synthetic/als/") and "model.factors=8" in checkpoints
+    assert logged.data.metrics["test_recall_at_20"] == pytest.approx(result["metrics"]["recall@20"])
