@@ -41,7 +41,8 @@ def table_memory(module: nn.Module) -> dict[str, int]:
 
     Example:
         >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-        >>> ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])])
+        >>> config = EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])
+        >>> ebc = EmbeddingBagCollection([config])
         >>> table_memory(ebc)
         {'t': 160}
     """
