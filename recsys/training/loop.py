@@ -12,13 +12,16 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from recsys.data.batching import Batch, CTRBatcher, ParquetBatches
 from recsys.data.dataset import PreparedData
 from recsys.data.vocab import OOV
-from recsys.evaluation import evaluate_ranking
+from recsys.evaluation import ctr_metrics, evaluate_ranking
 from recsys.training import checkpoint
 from recsys.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+MINIMISED = ("logloss", "loss")  # early-stopping metrics where lower is better
+BEST = "best"  # sub-directory of checkpoint_dir holding the best epoch's state (early stopping)
 
 
 @dataclass
@@ -40,6 +43,11 @@ class TrainerConfig:
         progress: show a progress bar per epoch (on rank 0 only).
         distributed: train on several ranks started by ``torchrun`` (each rank reads a disjoint
             share of the batches; the tables are sharded over the ranks by DMP).
+        early_stopping: a validation metric (e.g. ``auc``, ``logloss``, ``recall@20``) to stop on, or None.
+            Needs ``eval_every >= 1`` and a ``valid`` split; ``logloss``/``loss`` are minimised, others maximised.
+            Training stops after ``patience`` evaluations without improvement and the best epoch's state is
+            restored before the test evaluation.
+        patience: evaluations without improvement before early stopping.
     """
 
     epochs: int = 10
@@ -55,10 +63,21 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     distributed: bool = False
+    early_stopping: str | None = None
+    patience: int = 2
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1:
             raise ConfigError(f"trainer.epochs must be >= 0 and trainer.batch_size >= 1; got {self.epochs}, {self.batch_size}")
+        if self.early_stopping is not None and (self.eval_every < 1 or self.patience < 1):
+            raise ConfigError(f"trainer.early_stopping={self.early_stopping!r} needs trainer.eval_every >= 1 and "
+                              f"trainer.patience >= 1; got {self.eval_every}, {self.patience}")
+
+    def improved(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` of the early-stopping metric beats ``best``."""
+        if best is None:
+            return True
+        return value < best if self.early_stopping in MINIMISED else value > best
 
     def epoch_seed(self, epoch: int) -> int:
         return self.seed * 1_000_003 + epoch
@@ -77,20 +96,40 @@ class Trainable(Protocol):
         """Applies a state loaded into ``self.state()``'s structure."""
 
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        """(B,) user indices -> (B, N) scores over all items."""
+        """(B,) user indices -> (B, N) scores over all items (ranking models; CTR models have ``predict``)."""
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """A Batch of CTR rows -> (B,) click probabilities (CTR models; ranking models have ``score_users``)."""
 
     def memory(self) -> dict[str, int]:
         """Bytes of each table of the model, from the real tensors."""
 
 
 def evaluate(model: Trainable | Callable, data: PreparedData, split: str, ks, batch_size: int = 1024) -> dict[str, float]:
-    """Full-ranking metrics on ``split``, excluding items of the earlier splits and OOV."""
+    """Metrics on ``split``: full ranking excluding items of the earlier splits and OOV (interactions), or
+    AUC and log loss of ``model.predict`` (CTR data)."""
+    if data.kind == "ctr":
+        return evaluate_ctr(model, data, split, batch_size)
     seen = data.matrix("train")
     if split == "test" and "valid" in data.splits:
         seen = (seen + data.matrix("valid")).tocsr()
     score = model.score_users if hasattr(model, "score_users") else model
     with torch.no_grad():
         return evaluate_ranking(score, seen, data.matrix(split), ks=ks, batch_size=batch_size, exclude_items=[OOV])
+
+
+def evaluate_ctr(model: Trainable, data: PreparedData, split: str, batch_size: int = 1024) -> dict[str, float]:
+    """AUC and log loss of ``model.predict`` over every row of ``split`` (read in file order).
+
+    On several ranks every rank scores every batch (sharded lookups are collectives), so all get the same metrics.
+    """
+    batches = ParquetBatches(data.path(split), CTRBatcher(data.ctr_schema), batch_size, shuffle_buffer=0, seed=0)
+    labels, probabilities = [], []
+    with torch.no_grad():
+        for batch in batches:
+            labels.append(batch.labels)
+            probabilities.append(model.predict(batch).float())
+    return ctr_metrics(torch.cat(labels), torch.cat(probabilities))
 
 
 def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
@@ -102,21 +141,26 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
     """
     if cfg.distributed and not getattr(model, "supports_distributed", False):
         raise ConfigError(f"{type(model).__name__} does not train on several ranks; drop trainer.distributed=true")
+    if cfg.early_stopping is not None and "valid" not in data.splits:
+        raise ConfigError(f"trainer.early_stopping={cfg.early_stopping!r} needs a validation split; {data.root} has "
+                          f"{data.splits} (set data.split.valid_fraction or data.ctr.valid_fraction)")
     directory = Path(cfg.checkpoint_dir)
-    start = 0
+    start, progress = 0, {"best": None, "best_epoch": None, "stale": 0}  # early-stopping progress
     if not cfg.resume:
         checkpoint.clear(directory)
+        checkpoint.clear(directory / BEST)
     elif info := checkpoint.latest(directory):
-        state = model.state()
-        checkpoint.load(info["path"], state)
-        model.load_state(state)
+        _restore(model, info["path"])
         start = info["epoch"] + 1
+        progress |= info["meta"].get("early_stopping", {})
         logger.info("resumed from %s (epoch %d of %d done)", info["path"], start, cfg.epochs)
     else:
         logger.warning("trainer.resume=true but %s holds no checkpoint: training from the start", directory)
     quiet = not cfg.progress or (dist.is_initialized() and dist.get_rank() != 0)
     # On several ranks every rank evaluates (sharded lookups are collectives) and gets the same metrics.
     for epoch in range(start, cfg.epochs):
+        if progress["stale"] >= cfg.patience and cfg.early_stopping is not None:
+            break  # a resumed run that had already stopped
         began = time.perf_counter()
         with tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=quiet, leave=False) as bar:
             metrics = dict(model.train_epoch(epoch, bar))
@@ -124,6 +168,35 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and "valid" in data.splits:
             valid = evaluate(model, data, "valid", cfg.eval_ks, cfg.eval_batch_size)
             metrics |= {f"valid_{k}": v for k, v in valid.items()}
+            if cfg.early_stopping is not None:
+                _track(model, cfg, directory / BEST, epoch, valid, progress)
         log(metrics, epoch)
-        checkpoint.save(directory, epoch, model.state(), keep=cfg.keep_checkpoints)
+        checkpoint.save(directory, epoch, model.state(), meta={"early_stopping": progress}, keep=cfg.keep_checkpoints)
+        if cfg.early_stopping is not None and progress["stale"] >= cfg.patience:
+            logger.info("early stopping after epoch %d: valid %s did not improve on %.5f (epoch %d) for %d evaluations",
+                        epoch + 1, cfg.early_stopping, progress["best"], progress["best_epoch"] + 1, cfg.patience)
+            break
+    if progress["best_epoch"] is not None and (info := checkpoint.latest(directory / BEST)):
+        _restore(model, info["path"])  # the best validation epoch, not the last one
+        log({f"best_valid_{cfg.early_stopping}": progress["best"], "best_epoch": progress["best_epoch"]},
+            progress["best_epoch"])
     return evaluate(model, data, "test", cfg.eval_ks, cfg.eval_batch_size)
+
+
+def _restore(model: Trainable, path: Path) -> None:
+    state = model.state()
+    checkpoint.load(path, state)
+    model.load_state(state)
+
+
+def _track(model: Trainable, cfg: TrainerConfig, best_dir: Path, epoch: int, valid: dict, progress: dict) -> None:
+    """Updates the early-stopping ``progress`` with this epoch's validation metrics; saves a new best state."""
+    if cfg.early_stopping not in valid:
+        raise ConfigError(f"trainer.early_stopping={cfg.early_stopping!r} is not a validation metric; "
+                          f"choose one of {sorted(valid)}")
+    value = float(valid[cfg.early_stopping])
+    if cfg.improved(value, progress["best"]):
+        progress |= {"best": value, "best_epoch": epoch, "stale": 0}
+        checkpoint.save(best_dir, epoch, model.state(), keep=1)
+    else:
+        progress["stale"] += 1

@@ -1,0 +1,94 @@
+"""The training loop: early stopping on a validation metric restores the best epoch, also across a resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys.data.dataset import PreparedData
+from recsys.data.prepare import InteractionFilters, SourceConfig, prepare_interactions
+from recsys.data.splits import SplitConfig
+from recsys.errors import ConfigError
+from recsys.training.loop import TrainerConfig, evaluate, fit
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+# quality of the scores after each epoch: 1 = the true test/valid items on top, 0 = random, -1 = at the bottom
+SCHEDULE = [0.0, 1.0, 0.5, -1.0, -1.0, -1.0, 1.0, 1.0]
+
+
+class Scheduled:
+    """A Trainable whose score quality after epoch e is SCHEDULE[e]: a known best epoch for early stopping."""
+
+    def __init__(self, data: PreparedData):
+        self.data = data
+        self.quality = torch.zeros(())
+        truth = data.matrix("valid") + data.matrix("test")
+        self.truth = torch.from_numpy(truth.toarray()).float()
+        self.noise = torch.rand(self.truth.shape, generator=torch.Generator().manual_seed(0))
+        self.epochs_trained = 0
+
+    def train_epoch(self, epoch, progress):
+        self.quality.fill_(SCHEDULE[epoch])
+        self.epochs_trained += 1
+        return {}
+
+    def score_users(self, users):
+        return self.quality * self.truth[users] + 0.1 * self.noise[users]
+
+    def state(self):
+        return {"quality": self.quality}
+
+    def load_state(self, state):
+        self.quality.copy_(state["quality"])
+
+    def memory(self):
+        return {"quality": 4}
+
+
+@pytest.fixture(scope="module")
+def with_valid(tmp_path_factory) -> PreparedData:
+    out = tmp_path_factory.mktemp("valid")
+    prepare_interactions(SourceConfig("synthetic", str(out / "raw.parquet"), generator=TINY), out / "prepared",
+                         InteractionFilters(min_user_interactions=5), SplitConfig(valid_fraction=0.2, seed=0))
+    return PreparedData.open(out / "prepared")
+
+
+def _trainer(tmp_path, **kw):
+    return TrainerConfig(**{"epochs": len(SCHEDULE), "eval_every": 1, "eval_ks": [10], "progress": False,
+                            "checkpoint_dir": str(tmp_path / "ck"), "early_stopping": "recall@10", "patience": 2,
+                            **kw})
+
+
+def test_early_stopping_restores_the_best_epoch(with_valid, tmp_path):
+    model, logged = Scheduled(with_valid), []
+    metrics = fit(model, with_valid, _trainer(tmp_path), log=lambda m, step: logged.append((step, m)))
+    assert model.epochs_trained == 4  # best at epoch 1, two evaluations without improvement: stop after epoch 3
+    assert model.quality.item() == 1.0  # the best epoch's state, not the last one's (0.5)
+    best = Scheduled(with_valid)
+    best.quality.fill_(1.0)
+    assert metrics == evaluate(best, with_valid, "test", [10])
+    assert logged[-1] == (1, {"best_valid_recall@10": pytest.approx(logged[1][1]["valid_recall@10"]), "best_epoch": 1})
+
+
+def test_early_stopping_survives_a_resume(with_valid, tmp_path):
+    fit(Scheduled(with_valid), with_valid, _trainer(tmp_path, epochs=3))  # best at 1, one stale evaluation
+    resumed = Scheduled(with_valid)
+    metrics = fit(resumed, with_valid, _trainer(tmp_path, resume=True))
+    assert resumed.epochs_trained == 1 and resumed.quality.item() == 1.0  # epoch 3 is the second stale one
+    assert metrics["recall@10"] > 0.9
+
+
+def test_minimised_metrics_and_bad_settings(with_valid, tmp_path):
+    assert TrainerConfig(early_stopping="logloss", eval_every=1).improved(0.3, 0.4)
+    assert not TrainerConfig(early_stopping="auc", eval_every=1).improved(0.3, 0.4)
+    with pytest.raises(ConfigError, match="needs trainer.eval_every >= 1"):
+        TrainerConfig(early_stopping="auc")
+    with pytest.raises(ConfigError, match="'ndcg@99' is not a validation metric"):
+        fit(Scheduled(with_valid), with_valid, _trainer(tmp_path, early_stopping="ndcg@99"))
+
+
+def test_early_stopping_needs_a_validation_split(tiny_interactions, tmp_path):
+    with pytest.raises(ConfigError, match="needs a validation split"):
+        fit(Scheduled.__new__(Scheduled), tiny_interactions, _trainer(tmp_path))
