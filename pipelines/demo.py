@@ -13,13 +13,15 @@ from pipelines.train import run
 
 
 def summary(cfg: DictConfig, result: dict) -> str:
-    ks = list(cfg.trainer.eval_ks)
-    names = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "hitrate", "mrr", "coverage")]
-    width = max(map(len, names)) + 2
-    lines = [f"{'metric':<{width}}{cfg.model.name:>12}{'popularity':>12}"]
-    lines += [f"{n:<{width}}{result['metrics'][n]:>12.4f}{result['popularity'][n]:>12.4f}" for n in names]
-    lines += [f"{'users evaluated':<{width}}{int(result['metrics']['n_users']):>12}",
-              f"{'table bytes':<{width}}{sum(result['memory'].values()):>12}",
+    ctr = cfg.data.kind == "ctr"
+    names = ["auc", "logloss"] if ctr else [f"{m}@{k}" for k in cfg.trainer.eval_ks
+                                           for m in ("recall", "ndcg", "hitrate", "mrr", "coverage")]
+    width = max(map(len, names + ["users evaluated"])) + 2
+    lines = [f"{'metric':<{width}}{cfg.model.name:>12}{'click rate' if ctr else 'popularity':>12}"]
+    lines += [f"{n:<{width}}{result['metrics'][n]:>12.4f}{result['baseline'][n]:>12.4f}" for n in names]
+    if not ctr:
+        lines.append(f"{'users evaluated':<{width}}{int(result['metrics']['n_users']):>12}")
+    lines += [f"{'table bytes':<{width}}{sum(result['memory'].values()):>12}",
               "", f"MLflow run {result['run_id']} in {result['tracking_uri']}",
               f"open the UI: .venv/bin/mlflow ui --backend-store-uri {result['tracking_uri']}"]
     return "\n".join(lines)

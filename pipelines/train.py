@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipelines.prepare import ensure_prepared
-from recsys.evaluation import PopularityScorer
+from recsys.evaluation import ClickRate, PopularityScorer
 from recsys.training.distributed import init_process_group, is_main, launched, main_first
 from recsys.training.loop import evaluate, fit
 
@@ -32,7 +32,8 @@ def build_model(cfg: DictConfig, data, trainer):
 
 
 def run(cfg: DictConfig) -> dict:
-    """Prepares data, trains ``cfg.model``, logs to MLflow; returns metrics, baseline and run id."""
+    """Prepares data, trains ``cfg.model``, logs to MLflow; returns test metrics, the baseline's (popularity, or the
+    click rate for CTR data), table bytes and the run id."""
     trainer = instantiate(cfg.trainer)
     if trainer.distributed or launched():
         init_process_group(trainer.distributed)  # a clear error when the launch does not match the setting
@@ -42,8 +43,9 @@ def run(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     with tracker.start(cfg.run_name, config, tags={"model": cfg.model.name, "data": cfg.data.name}) as mlrun:
         mlrun.log_dict(data.manifest, "data_manifest.json")
-        baseline = evaluate(PopularityScorer(data.matrix("train")), data, "test", trainer.eval_ks, trainer.eval_batch_size)
-        mlrun.log_metrics(baseline, prefix="popularity_")
+        reference = ClickRate.of_split(data.path("train")) if data.kind == "ctr" else PopularityScorer(data.matrix("train"))
+        baseline = evaluate(reference, data, "test", trainer.eval_ks, trainer.eval_batch_size)
+        mlrun.log_metrics(baseline, prefix="popularity_" if data.kind != "ctr" else "click_rate_")
         model = build_model(cfg, data, trainer)
         metrics = fit(model, data, trainer, log=mlrun.log_metrics)
         memory = model.memory()
@@ -51,7 +53,7 @@ def run(cfg: DictConfig) -> dict:
         mlrun.log_metrics({**memory, "total": sum(memory.values())}, prefix="table_bytes_")
         if hasattr(model, "memory_parts"):  # tables, codebooks, codes, id maps, projections
             mlrun.log_dict(model.memory_parts(), "table_memory.json")
-    return {"metrics": metrics, "popularity": baseline, "memory": memory, "run_id": mlrun.id,
+    return {"metrics": metrics, "baseline": baseline, "memory": memory, "run_id": mlrun.id,
             "tracking_uri": tracker.uri}
 
 
@@ -75,10 +77,15 @@ def train(*overrides: str) -> dict:
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     result = run(cfg)
+    if cfg.data.kind == "ctr":
+        if is_main():
+            log.info("test auc = %.4f, logloss = %.4f (click rate: %.4f), run %s", result["metrics"]["auc"],
+                     result["metrics"]["logloss"], result["baseline"]["logloss"], result["run_id"])
+        return result["metrics"]["auc"]
     k = cfg.trainer.eval_ks[0]
     if is_main():
         log.info("test recall@%d = %.4f (popularity %.4f), run %s", k, result["metrics"][f"recall@{k}"],
-                 result["popularity"][f"recall@{k}"], result["run_id"])
+                 result["baseline"][f"recall@{k}"], result["run_id"])
     return result["metrics"][f"recall@{k}"]
 
 

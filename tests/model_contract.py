@@ -99,7 +99,7 @@ class ModelContract:
         assert logged.data.tags["model"] == self.model and logged.info.status == "FINISHED"
         assert logged.data.metrics["test_recall_at_20"] == pytest.approx(result["metrics"]["recall@20"])
         assert logged.data.metrics["table_bytes_total"] == sum(result["memory"].values()) > 0
-        assert result["metrics"]["recall@20"] > result["popularity"]["recall@20"]
+        assert result["metrics"]["recall@20"] > result["baseline"]["recall@20"]
 
     def test_ml100k_quality_floor(self, compose_config, ml100k):
         if self.ml100k_recall is None:

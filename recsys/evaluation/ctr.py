@@ -48,6 +48,34 @@ def ctr_metrics(labels: np.ndarray | torch.Tensor,
     }
 
 
+class ClickRate:
+    """The CTR baseline: every row gets the training click rate (AUC 0.5; its log loss is the label entropy).
+
+    Args:
+        rate: the click probability predicted for every row, in (0, 1).
+
+    Example:
+        >>> ClickRate(0.25).predict(type("Batch", (), {"labels": torch.zeros(3)})())
+        tensor([0.2500, 0.2500, 0.2500])
+    """
+
+    def __init__(self, rate: float):
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"ClickRate needs a rate in (0, 1), found {rate}")
+        self.rate = float(rate)
+
+    @classmethod
+    def of_split(cls, path) -> ClickRate:
+        """The click rate of a prepared CTR split (its ``label`` column)."""
+        import pyarrow.parquet as pq
+
+        labels = pq.read_table(path, columns=["label"])["label"].to_numpy()
+        return cls(float(labels.mean()) if labels.size else 0.5)
+
+    def predict(self, batch) -> torch.Tensor:
+        return torch.full((len(batch.labels),), self.rate)
+
+
 def _flat(x: np.ndarray | torch.Tensor, dtype: type) -> np.ndarray:
     """``x`` (array, tensor or sequence) as a flat numpy array of ``dtype``."""
     if isinstance(x, torch.Tensor):
