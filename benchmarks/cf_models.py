@@ -77,7 +77,7 @@ METHODS: dict[str, Method] = {
                                   ("model.regularization=500", f"model.prune_top_k={k}"), "EASE pruned")
        for k in EASE_TOP_K},
     "ease_numpy": Method("EASE lambda=500, NumPy/SciPy reference (numpy.linalg.inv)", family="EASE"),
-    **{f"nbmf_k{k}": Method(f"NBMF k={k}", "nbmf", 20, (f"model.factors={k}",), "NBMF") for k in NBMF_K},
+    **{f"nbmf_k{k}": Method(f"NBMF k={k}", "nbmf", 15, (f"model.factors={k}",), "NBMF") for k in NBMF_K},
     "comirec_dr": Method("ComiRec-DR", "comirec_dr", 20, family="ComiRec"),
     "comirec_sa": Method("ComiRec-SA", "comirec_sa", 20, family="ComiRec"),
 }

@@ -146,6 +146,26 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def optimise(losses: Iterable[tuple[torch.Tensor, int]], optimizer, embeddings, progress=None) -> dict[str, float]:
+    """Steps ``optimizer`` on each (loss, rows) of ``losses`` (plus ``embeddings.auxiliary_loss()``, e.g. VQ's
+    commitment); returns the row-weighted mean loss over every rank. ``losses`` is consumed lazily, so a
+    generator builds each batch's loss after the previous step.
+    """
+    total, count = 0.0, 0
+    for loss, rows in losses:
+        if (auxiliary := embeddings.auxiliary_loss()) is not None:
+            loss = loss + auxiliary
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        total, count = total + loss.item() * rows, count + rows
+        if progress is not None:
+            progress.update()
+            progress.set_postfix(loss=f"{total / count:.4f}")
+    total, count = all_sum([total, count])
+    return {"loss": total / max(count, 1)}
+
+
 @dataclass
 class TableOptimizer:
     """The fused optimizer FBGEMM applies to embedding rows in the backward pass.

@@ -1,4 +1,4 @@
-"""Losses of the retrieval models."""
+"""Losses of the retrieval and click-through-rate models."""
 
 from __future__ import annotations
 
@@ -43,3 +43,47 @@ def in_batch_softmax_loss(users: torch.Tensor, items: torch.Tensor, item_ids: to
     same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
     logits = logits.masked_fill(same & ~torch.eye(len(item_ids), dtype=torch.bool, device=logits.device), float("-inf"))
     return F.cross_entropy(logits, torch.arange(len(item_ids), device=logits.device))
+
+
+def sampled_softmax_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+                         positive_ids: torch.Tensor, negative_ids: torch.Tensor,
+                         log_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """Softmax over each row's positive and M negatives shared by the batch, logQ-corrected, accidental hits masked.
+
+    Row b's logits are [u_b . p_b, u_b . n_1, ..., u_b . n_M] / temperature, each minus the log
+    probability that its item was sampled (when ``log_q`` is given), so the loss estimates the full
+    softmax without the sampler's bias (Jean et al. 2015; TensorFlow's ``sampled_softmax_loss``).
+    A negative that is row b's positive item is masked for row b.
+
+    Args:
+        users: (B, D) user (or selected interest) vectors.
+        positives: (B, D) vectors of the positive items.
+        negatives: (M, D) vectors of the sampled items.
+        positive_ids: (B,) item indices of the positives.
+        negative_ids: (M,) item indices of the negatives.
+        log_q: ((B,), (M,)) log sampling probabilities of the positives and the negatives, or None.
+        temperature: logits are divided by it.
+
+    Example:
+        >>> u, p, n = torch.eye(2), torch.eye(2), torch.tensor([[0.0, 1.0]])
+        >>> round(sampled_softmax_loss(u, p, n, torch.tensor([0, 1]), torch.tensor([1])).item(), 4)
+        0.1566
+    """
+    positive = (users * positives).sum(-1, keepdim=True) / temperature
+    negative = users @ negatives.T / temperature
+    if log_q is not None:
+        positive = positive - log_q[0].unsqueeze(1)
+        negative = negative - log_q[1].unsqueeze(0)
+    negative = negative.masked_fill(positive_ids.unsqueeze(1) == negative_ids.unsqueeze(0), float("-inf"))
+    return -torch.log_softmax(torch.cat([positive, negative], dim=1), dim=1)[:, 0].mean()
+
+
+def binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Click-through-rate loss: mean of -[y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))] over (B,) logits z.
+
+    Example:
+        >>> round(binary_cross_entropy(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0])).item(), 4)
+        0.41
+    """
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))

@@ -16,7 +16,7 @@ from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
 from recsys.embeddings.spec import TableStats
 from recsys.errors import ConfigError
 from recsys.models.mf import NEG_ITEM, MatrixFactorization, mf_specs
-from recsys.training.distributed import (ShardingConfig, TableOptimizer, all_sum, combined_optimizer,
+from recsys.training.distributed import (ShardingConfig, TableOptimizer, combined_optimizer, optimise,
                                          init_process_group, rank_and_world, rank_share, shard)
 from recsys.training.loop import TrainerConfig
 from recsys.training.losses import bpr_loss, in_batch_softmax_loss
@@ -101,20 +101,9 @@ class MFRetrieval:
                               f"{self.trainer.batch_size}, fewer than the {world} ranks; lower trainer.batch_size")
         if progress is not None:
             progress.reset(total=len(batches) // world)
-        total, count = 0.0, 0
-        for batch in rank_share(batches, len(batches)):
-            loss = self._loss(batch.sparse[USER].values(), batch.sparse[ITEM].values(), generator)
-            if (auxiliary := self.embeddings.auxiliary_loss()) is not None:
-                loss = loss + auxiliary
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            total, count = total + loss.item() * len(batch), count + len(batch)
-            if progress is not None:
-                progress.update()
-                progress.set_postfix(loss=f"{total / count:.4f}")
-        total, count = all_sum([total, count])
-        return {"loss": total / max(count, 1)}
+        losses = ((self._loss(batch.sparse[USER].values(), batch.sparse[ITEM].values(), generator), len(batch))
+                  for batch in rank_share(batches, len(batches)))
+        return optimise(losses, self.optimizer, self.embeddings, progress)
 
     def _loss(self, users: torch.Tensor, items: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.loss == "bpr":
