@@ -265,6 +265,77 @@ def test_criteo(tmp_path):
                                5: "C1 is not a hex id of 1-15 digits: 'zz'", 6: "expected 40 fields, found 39"}
 
 
+# The first line of the Kaggle Display Advertising Challenge train.txt (I12 and C22 are empty).
+KAGGLE_TRAIN_LINE = ("0\t1\t1\t5\t0\t1382\t4\t15\t2\t181\t1\t2\t\t2\t68fd1e64\t80e26c9b\tfb936136\t7b4723c4\t"
+                     "25c83c98\t7e0ccccf\tde7995b8\t1f89b562\ta73ee510\ta8cd5504\tb2cb9c98\t37c9c164\t2824a5f6\t"
+                     "1adce6ef\t8ba8b39a\t891b62e7\te5ba7672\tf54016b9\t21ddcdc9\tb1252a9d\t07b5194c\t\t3a171ecb\t"
+                     "c5c50484\te8b83407\t9727dd16")
+
+
+def test_criteo_kaggle_train_and_terabyte_day_layouts(tmp_path):
+    day = criteo_line("1", ["", "-1", "", "3", "120563", "", "0", "1", "", "", "", "", "7"],
+                      ["05db9164", "", "d833535f"] + ["ad4b77ff"] * 23)
+    for name, text in (("train.txt", KAGGLE_TRAIN_LINE + "\n"), ("day_0", day + "\r\n")):
+        frame, quarantine, _ = read(read_criteo(write(tmp_path / name, text)), tmp_path / f"{name}.bad")
+        assert quarantine.n_bad == 0 and len(frame) == 1 and list(frame.columns) == ["label", *CRITEO_DENSE, *CRITEO_SPARSE]
+    kaggle = read_all(read_criteo(tmp_path / "train.txt")).iloc[0]
+    assert kaggle["label"] == 0 and kaggle["I5"] == 1382 and np.isnan(kaggle["I12"]) and kaggle["I13"] == 2
+    assert kaggle["C1"] == 0x68FD1E64 and kaggle["C22"] == -1 and kaggle["C26"] == 0x9727DD16  # exact in float64
+    terabyte = read_all(read_criteo(tmp_path / "day_0")).iloc[0]
+    assert terabyte["label"] == 1 and terabyte["I2"] == -1 and terabyte["I5"] == 120563 and terabyte["I13"] == 7
+    assert np.isnan(terabyte[["I1", "I3", "I6", "I9", "I10", "I11", "I12"]].astype(float)).all()
+    assert terabyte["C2"] == -1 and terabyte["C26"] == 0xAD4B77FF
+
+
+def test_criteo_without_labels_for_scoring(tmp_path):
+    lines = [KAGGLE_TRAIN_LINE.split("\t", 1)[1], KAGGLE_TRAIN_LINE, "\t".join(["1"] * 13 + ["a"] * 26)]
+    path = write(tmp_path / "test.txt", "\n".join(lines) + "\n")
+    frame, quarantine, rows = read(read_criteo(path, has_label=False), tmp_path)
+    assert list(frame.columns) == [*CRITEO_DENSE, *CRITEO_SPARSE]
+    assert frame["I1"].tolist() == [1.0, 1.0] and frame["C1"].tolist() == [0x68FD1E64, 10]
+    assert bad_lines(rows) == {2: "expected 39 fields, found 40"}
+
+
+@pytest.mark.parametrize(("has_label", "line", "expected", "found", "hint"), [
+    (True, KAGGLE_TRAIN_LINE.split("\t", 1)[1], 40, 39, "needs has_label: false"),
+    (False, KAGGLE_TRAIN_LINE, 39, 40, "needs has_label: true"),
+])
+def test_criteo_other_layout_is_a_clear_error(tmp_path, has_label, line, expected, found, hint):
+    path = write(tmp_path / "test.txt", "\n".join([line] * 5) + "\n")
+    with pytest.raises(DataError, match=re.escape(str(path)) + r": does not look like a Criteo TSV.*" + hint +
+                       rf".*5 of the first 5 lines are bad \(line 1: expected {expected} fields, found {found}\)"):
+        list(read_criteo(path, has_label=has_label))
+
+
+def test_criteo_malformed_lines_are_quarantined_with_line_numbers(tmp_path):
+    lines = [
+        criteo_line("1"),                                                   # 1 good
+        criteo_line("0", [""] * 13, [""] * 26),                             # 2 good: all missing
+        criteo_line("1", ["-3"] + ["0"] * 12, ["FFFFFFFF"] * 26),           # 3 good: negative count, upper-case hex
+        "",                                                                 # 4 blank: skipped, not counted
+        criteo_line(""),                                                    # 5 empty label
+        criteo_line("x"),                                                   # 6 label not a number
+        criteo_line("1") + "\t5",                                           # 7 41 fields
+        criteo_line("0", ["abc"] + ["1"] * 12),                             # 8 dense not an integer
+        criteo_line("0", ["1"] * 12 + ["7e3"]),                             # 9 dense in float notation
+        criteo_line("1", sparse=["68fd1e64"] * 25 + ["123456789abcdef0"]),  # 10 hex id of 16 digits
+        criteo_line("1", sparse=["0x1f"] + ["1"] * 25),                     # 11 0x prefix
+        criteo_line("0"),                                                   # 12 good
+    ]
+    path = write(tmp_path / "day_1", "\n".join(lines) + "\n")
+    frame, quarantine, rows = read(read_criteo(path, chunksize=4), tmp_path)
+    assert bad_lines(rows) == {5: "label is not a number: ''", 6: "label is not a number: 'x'",
+                               7: "expected 40 fields, found 41", 8: "I1 is not an integer: 'abc'",
+                               9: "I13 is not an integer: '7e3'",
+                               10: "C26 is not a hex id of 1-15 digits: '123456789abcdef0'",
+                               11: "C1 is not a hex id of 1-15 digits: '0x1f'"}
+    assert (quarantine.n_bad, quarantine.n_total) == (7, 11)
+    assert frame["label"].tolist() == [1, 0, 1, 0]
+    assert frame[list(CRITEO_DENSE)].iloc[1].isna().all() and (frame[list(CRITEO_SPARSE)].iloc[1] == -1).all()
+    assert frame["I1"].iloc[2] == -3 and frame["C1"].iloc[2] == 0xFFFFFFFF
+    assert quarantine.reasons["label is not a number"] == 2
+
+
 # ---------------------------------------------------------------------------------- Parquet
 
 

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
+from hydra.utils import instantiate
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import OneHotEncoder
@@ -183,6 +184,12 @@ def test_ctr_deterministic(tmp_path):
         (SyntheticCTR, {"cardinalities": (10, 0)}, "cardinalities"),
         (SyntheticCTR, {"cardinalities": (10, 5), "n_crosses": 2}, "n_crosses"),
         (SyntheticCTR, {"max_tags": 0}, "max_tags"),
+        (SyntheticCTR, {"zipf_exponents": (1.0, 1.0)}, "zipf_exponents"),
+        (SyntheticCTR, {"dense_missing": (0.1, 0.2, 0.3, 1.0)}, "dense_missing"),
+        (SyntheticCTR, {"sparse_missing": (0.1,) * 5 + (-0.1,)}, "sparse_missing"),
+        (SyntheticCTR, {"dense_sigma": 0}, "dense_sigma"),
+        (SyntheticCTR, {"logit_scale": float("inf")}, "logit_scale"),
+        (SyntheticCTR, {"cardinality_rows": 0}, "cardinality_rows"),
     ],
 )
 def test_invalid_config(cls, kwargs, field):
@@ -195,3 +202,76 @@ def test_config_mutated_after_construction_is_rejected(tmp_path):
     cfg.n_clusters = 0
     with pytest.raises(ConfigError, match="n_clusters=0"):
         generate_interactions(cfg, tmp_path / "i.parquet")
+
+
+def _zipf_top_share(n: int, exponent: float, k: int) -> float:
+    weights = np.arange(1, n + 1, dtype=float) ** -exponent
+    return weights[:k].sum() / weights.sum()
+
+
+def test_ctr_missing_values_heavy_tails_and_per_field_exponents(tmp_path):
+    cfg = SyntheticCTR(n_rows=60_000, chunk_rows=25_000, n_dense=3, cardinalities=(5000, 50, 20), n_crosses=2,
+                       multi_valued_cardinality=0, zipf_exponents=(1.2, 0.3, 1.0), dense_sigma=2.0,
+                       dense_missing=(0.5, 0.0, 0.2), sparse_missing=(0.0, 0.3, 0.0), seed=4)
+    stats = generate_ctr(cfg, tmp_path / "c.parquet")
+    t = pq.read_table(tmp_path / "c.parquet")
+    dense = {name: t[name].to_numpy() for name in ("d0", "d1", "d2")}
+    for name, share in zip(dense, cfg.dense_missing):
+        assert abs(np.isnan(dense[name]).mean() - share) < 0.01
+    present = dense["d1"]
+    assert (present >= 0).all() and (present == np.floor(present)).all()  # counts
+    assert present.max() > 100 * max(np.median(present), 1)  # heavy tail
+    s0, s1 = t["s0"].to_numpy(), t["s1"].to_numpy()
+    assert (s0 != -1).all() and abs((s1 == -1).mean() - 0.3) < 0.01
+    for ids, n, exponent in ((s0, 5000, 1.2), (s1[s1 != -1], 50, 0.3)):
+        top = np.sort(np.unique(ids, return_counts=True)[1])[::-1][:10].sum() / len(ids)
+        assert abs(top - _zipf_top_share(n, exponent, 10)) < 0.02
+    assert 0.6 < stats["planted_auc"] < 1 and abs(stats["positive_rate"] - cfg.base_rate) < 0.05
+
+
+def test_ctr_planted_auc_matches_sklearn_on_the_true_probabilities(tmp_path):
+    cfg = SyntheticCTR(n_rows=30_000, chunk_rows=7_000, seed=5)
+    stats = generate_ctr(cfg, tmp_path / "c.parquet")
+    planted, labels, probs = synthetic._PlantedCTR(cfg), [], []
+    for c, lo in enumerate(range(0, cfg.n_rows, cfg.chunk_rows)):  # the generator's draws, replayed
+        rng = np.random.default_rng([cfg.seed, 1, c])
+        p = synthetic._sigmoid(planted.bias + planted.rows(min(cfg.chunk_rows, cfg.n_rows - lo), rng)[1])
+        labels.append(rng.random(len(p)) < p)
+        probs.append(p)
+    np.testing.assert_array_equal(np.concatenate(labels), pq.read_table(tmp_path / "c.parquet")[LABEL].to_numpy())
+    assert stats["planted_auc"] == pytest.approx(roc_auc_score(np.concatenate(labels), np.concatenate(probs)), abs=1e-5)
+
+
+def test_ctr_logit_scale_lowers_the_planted_auc(tmp_path):
+    base = dict(n_rows=30_000, cardinalities=(200, 50, 10), n_crosses=1, seed=6)
+    sharp = generate_ctr(SyntheticCTR(**base), tmp_path / "a.parquet")["planted_auc"]
+    noisy = generate_ctr(SyntheticCTR(**base, logit_scale=0.3), tmp_path / "b.parquet")["planted_auc"]
+    assert 0.5 < noisy < sharp - 0.05
+
+
+def test_ctr_cardinalities_scale_with_rows(tmp_path):
+    cards = (50, 100, 1000, 10**6)
+    scaled = lambda n: SyntheticCTR(n_rows=n, cardinalities=cards, cardinality_rows=10**7).resolved_cardinalities  # noqa: E731
+    assert scaled(10**7) == cards and SyntheticCTR(cardinalities=cards).resolved_cardinalities == cards
+    assert scaled(10**6) == (50, 100, 100, 10**5) and scaled(1000) == (50, 100, 100, 100)
+    assert scaled(2 * 10**7) == (50, 100, 2000, 2 * 10**6)
+    cfg = SyntheticCTR(n_rows=20_000, cardinalities=(30, 500_000), cardinality_rows=10**7, n_crosses=1)
+    stats = generate_ctr(cfg, tmp_path / "c.parquet")
+    assert stats["cardinalities"] == [30, 1000]
+    assert len(np.unique(pq.read_table(tmp_path / "c.parquet")["s1"].to_numpy())) <= 1000
+
+
+def test_synthetic_criteo_config(compose_config, tmp_path):
+    cfg = compose_config("prepare", ("data=synthetic_criteo",))
+    gen = instantiate(cfg.data.source.generator)
+    assert gen.n_rows == 1_000_000 and gen.n_dense == 13 and len(gen.cardinalities) == 26
+    assert max(gen.resolved_cardinalities) == 100_000 and min(gen.resolved_cardinalities) < 10
+    assert cfg.data.ctr.dense_transform == "log1p_standard" and gen.multi_valued_cardinality == 0
+    big = instantiate(compose_config("prepare", ("data=synthetic_criteo", "data.source.generator.n_rows=10000000"))
+                      .data.source.generator)
+    assert max(big.resolved_cardinalities) == 1_000_000 and sum(c > 100_000 for c in big.resolved_cardinalities) == 7
+    small = SyntheticCTR(**{**gen.__dict__, "n_rows": 20_000, "chunk_rows": 8_000})
+    stats = generate_ctr(small, tmp_path / "c.parquet")
+    t = pq.read_table(tmp_path / "c.parquet")
+    assert t.num_columns == 40 and stats["row_groups"] == 3 and 0.7 < stats["planted_auc"] < 0.9
+    assert abs(np.isnan(t["d11"].to_numpy()).mean() - 0.77) < 0.02 and abs((t["s19"].to_numpy() == -1).mean() - 0.44) < 0.02

@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,10 @@ from recsys.data.vocab import OOV, Vocabulary
 from recsys.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
+DENSE_TRANSFORMS = ("log1p", "standard", "log1p_standard", "none")
+SPLITS = ("train", "valid", "test")
+_SPLIT = "_split"  # staged column: index of the row's split in SPLITS
+_CONSTANT = 1e-6  # a std below this times max(1, |mean|) is a constant column: std 0
 
 
 @dataclass
@@ -77,7 +81,11 @@ class CTRSettings:
         dense: dense column names; sparse / multi_valued: categorical column names. All three
             None infers them from the data (floats dense, integers sparse, lists multi-valued).
         min_count: vocabulary threshold per sparse feature; rarer ids map to OOV (index 0).
-        dense_transform: ``log1p`` (log(1 + max(x, 0)), missing -> 0) or ``none`` (missing -> 0).
+        dense_transform: ``log1p`` (log(1 + max(x, 0))), ``standard`` ((x - mean) / std),
+            ``log1p_standard`` (log1p, then standardized) or ``none``. Missing values become 0 after
+            the transform (the mean, for the standardized ones). The means and standard deviations
+            (population, over the non-missing training values only) are in the manifest's
+            ``dense_stats``; a constant column (std 0) is only centred (divided by 1).
         valid_fraction, test_fraction: random row split shares (seeded, streaming).
         seed: seed of the split.
     """
@@ -86,7 +94,7 @@ class CTRSettings:
     sparse: list[str] | None = None
     multi_valued: list[str] | None = None
     min_count: int = 1
-    dense_transform: str = "log1p"
+    dense_transform: Literal["log1p", "standard", "log1p_standard", "none"] = "log1p"
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
@@ -97,15 +105,20 @@ def materialize(source: SourceConfig) -> tuple[str, Path]:
     path = Path(source.path)
     if source.format != "synthetic":
         return source.format, path
-    stamp = path.with_suffix(".settings.json")
+    stamp, stats = path.with_suffix(".settings.json"), generator_stats_path(path)
     settings = json.dumps(asdict(source.generator), sort_keys=True, default=str)
-    if not (path.is_file() and stamp.is_file() and stamp.read_text() == settings):
+    if not (path.is_file() and stats.is_file() and stamp.is_file() and stamp.read_text() == settings):
         path.parent.mkdir(parents=True, exist_ok=True)
         from recsys.data import synthetic
         kind = "ctr" if isinstance(source.generator, getattr(synthetic, "SyntheticCTR", ())) else "interactions"
-        getattr(synthetic, f"generate_{kind}")(source.generator, path)
+        stats.write_text(json.dumps(getattr(synthetic, f"generate_{kind}")(source.generator, path), default=str))
         stamp.write_text(settings)
     return "parquet", path
+
+
+def generator_stats_path(path: Path) -> Path:
+    """Where :func:`materialize` keeps the generator's stats (e.g. ``planted_auc``) of a synthetic file."""
+    return path.with_suffix(".stats.json")
 
 
 def file_hash(paths: list[Path]) -> str:
@@ -248,20 +261,29 @@ def _infer_ctr_schema(frame: pd.DataFrame, settings: CTRSettings, path: Path) ->
 
 def prepare_ctr(source: SourceConfig, out_dir: str | Path, settings_ctr: CTRSettings,
                 max_bad_fraction: float = 0.01, settings: dict | None = None) -> dict:
-    """Streams CTR rows in two passes (count ids, then index and split); returns the manifest.
+    """Streams CTR rows in two passes; returns the manifest.
 
-    Memory is bounded by one reader chunk plus the vocabularies, whatever the file size.
+    Pass 1 validates the rows, draws each row's split (seeded per chunk), counts the ids and fits
+    the dense statistics on the training rows; pass 2 indexes the ids, transforms the dense
+    columns and writes the splits. Memory is bounded by one reader chunk plus the vocabularies,
+    whatever the file size. For a synthetic source, the generator's stats (``planted_auc``, ...)
+    are in the manifest's ``generator``.
+
+    Example:
+        >>> prepare_ctr(SourceConfig("criteo", "day_0"), "prepared/criteo",
+        ...             CTRSettings(min_count=10, dense_transform="log1p_standard"))  # doctest: +SKIP
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if settings_ctr.dense_transform not in ("log1p", "none"):
-        raise ConfigError(f"data.ctr.dense_transform must be 'log1p' or 'none', got {settings_ctr.dense_transform!r}")
+    if settings_ctr.dense_transform not in DENSE_TRANSFORMS:
+        raise ConfigError(f"data.ctr.dense_transform must be one of {', '.join(DENSE_TRANSFORMS)}, "
+                          f"got {settings_ctr.dense_transform!r}")
     path, chunks = _reader(source)
     quarantine = Quarantine(out / "quarantine.jsonl")
     staged = out / "_staged.parquet"
-    schema, writer, id_counts = None, None, {}
+    schema, writer, id_counts, moments, n_chunks = None, None, {}, None, 0
     try:
-        for chunk in chunks:  # pass 1: validate, count ids, stage good rows as parquet
+        for chunk in chunks:  # pass 1: validate, split, count ids, fit dense stats, stage good rows
             quarantine.add(path, chunk)
             if chunk.frame.empty:
                 continue
@@ -271,7 +293,12 @@ def prepare_ctr(source: SourceConfig, out_dir: str | Path, settings_ctr: CTRSett
                 values = frame[name].explode() if name in schema.multi_valued else frame[name]
                 counted = values.dropna().value_counts(sort=False)
                 id_counts[name] = counted if name not in id_counts else id_counts[name].add(counted, fill_value=0)
-            table = pa.Table.from_pandas(frame, preserve_index=False)
+            assignment = _draw_splits(len(frame), settings_ctr, chunk_index=n_chunks)
+            n_chunks += 1
+            if settings_ctr.dense_transform.endswith("standard"):
+                train = frame[list(schema.dense)].to_numpy(np.float64)[assignment == 0]
+                moments = _merge_moments(moments, _base_transform(train, settings_ctr.dense_transform))
+            table = pa.Table.from_pandas(frame, preserve_index=False).append_column(_SPLIT, pa.array(assignment))
             writer = writer or pq.ParquetWriter(staged, table.schema)
             writer.write_table(table.cast(writer.schema))
     finally:
@@ -282,8 +309,9 @@ def prepare_ctr(source: SourceConfig, out_dir: str | Path, settings_ctr: CTRSett
     if schema is None:
         raise DataError(f"{path}: no valid CTR rows")
     vocabs = {n: Vocabulary.from_counts(c.astype(np.int64), settings_ctr.min_count, name=n) for n, c in id_counts.items()}
+    dense_stats = _dense_stats(schema.dense, moments) if moments is not None else None
 
-    rows = _index_and_split(staged, out, schema, vocabs, settings_ctr)
+    rows = _index_and_split(staged, out, schema, vocabs, settings_ctr.dense_transform, dense_stats)
     staged.unlink()
     (out / "vocab").mkdir(exist_ok=True)
     for name, vocab in vocabs.items():
@@ -296,25 +324,85 @@ def prepare_ctr(source: SourceConfig, out_dir: str | Path, settings_ctr: CTRSett
         "split": {"valid_fraction": settings_ctr.valid_fraction, "test_fraction": settings_ctr.test_fraction,
                   "seed": settings_ctr.seed, "method": "random_rows"},
         "ctr": asdict(settings_ctr),
+        "dense_stats": dense_stats,
     }
+    if source.format == "synthetic":
+        manifest["generator"] = json.loads(generator_stats_path(path).read_text())
     return _finish(out, manifest, [path], quarantine, settings)
 
 
-def _index_and_split(staged: Path, out: Path, schema: CTRSchema, vocabs: dict[str, Vocabulary],
-                     s: CTRSettings) -> dict[str, int]:
-    """Pass 2: map ids through the vocabularies, transform dense columns, split rows at random."""
-    target = schema.prepared()
-    names = ["train", "valid", "test"]
-    writers = {n: pq.ParquetWriter(out / f"{n}.parquet", target) for n in names}
-    rows = dict.fromkeys(names, 0)
+def _draw_splits(n: int, s: CTRSettings, chunk_index: int) -> np.ndarray:
+    """Split index (into SPLITS) of each row of a chunk: uniform draws seeded by (seed, chunk index)."""
     edges = np.cumsum([1 - s.valid_fraction - s.test_fraction, s.valid_fraction])
+    draw = np.random.default_rng([s.seed, chunk_index]).random(n)
+    return np.searchsorted(edges, draw, side="right").astype(np.int8)
+
+
+def _base_transform(x: np.ndarray, transform: str) -> np.ndarray:
+    """log1p(max(x, 0)) for the log1p transforms, else x; NaN (missing) stays NaN."""
+    return np.log1p(np.maximum(x, 0)) if transform.startswith("log1p") else x
+
+
+Moments = tuple[np.ndarray, np.ndarray, np.ndarray]  # per column: count, mean, sum of squared deviations
+
+
+def _merge_moments(acc: Moments | None, x: np.ndarray) -> Moments:
+    """Adds the non-NaN values of ``x`` (rows, columns) to running moments (Chan et al.'s pairwise update)."""
+    n_b = (~np.isnan(x)).sum(axis=0)
+    mean_b = np.divide(np.nansum(x, axis=0), n_b, out=np.zeros(x.shape[1]), where=n_b > 0)
+    m2_b = np.nansum((x - mean_b) ** 2, axis=0)
+    if acc is None:
+        return n_b, mean_b, m2_b
+    n_a, mean_a, m2_a = acc
+    n = n_a + n_b
+    share = np.divide(n_b, n, out=np.zeros(len(n)), where=n > 0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * share, m2_a + m2_b + delta ** 2 * n_a * share
+
+
+def _dense_stats(names: tuple[str, ...], moments: Moments) -> dict[str, dict]:
+    """``{column: {mean, std, count}}`` from the moments; a near-constant column gets std 0."""
+    n, mean, m2 = moments
+    std = np.sqrt(np.divide(m2, n, out=np.zeros(len(n)), where=n > 0))
+    std[std < _CONSTANT * np.maximum(1.0, np.abs(mean))] = 0.0
+    return {name: {"mean": float(mean[j]), "std": float(std[j]), "count": int(n[j])} for j, name in enumerate(names)}
+
+
+def transform_dense(x: np.ndarray, transform: str, stats: dict | None = None) -> np.ndarray:
+    """Applies a dense transform of :class:`CTRSettings` to the raw values of one column.
+
+    Args:
+        x: raw values (NaN = missing).
+        transform: one of DENSE_TRANSFORMS.
+        stats: the column's ``{mean, std}`` from the manifest's ``dense_stats`` (standardized
+            transforms only); std 0 divides by 1.
+
+    Returns:
+        float32 values, missing -> 0.
+
+    Example:
+        >>> transform_dense(np.array([1.0, np.nan, 3.0]), "standard", {"mean": 2.0, "std": 0.5}).tolist()
+        [-2.0, 0.0, 2.0]
+    """
+    y = _base_transform(np.asarray(x, dtype=np.float64), transform)
+    if transform.endswith("standard"):
+        y = (y - stats["mean"]) / (stats["std"] or 1.0)
+    return np.nan_to_num(y, nan=0.0).astype(np.float32)
+
+
+def _index_and_split(staged: Path, out: Path, schema: CTRSchema, vocabs: dict[str, Vocabulary],
+                     transform: str, dense_stats: dict[str, dict] | None) -> dict[str, int]:
+    """Pass 2: map ids through the vocabularies, transform dense columns, write each row to its split."""
+    target = schema.prepared()
+    writers = {n: pq.ParquetWriter(out / f"{n}.parquet", target) for n in SPLITS}
+    rows = dict.fromkeys(SPLITS, 0)
     file = pq.ParquetFile(staged)
     for group in range(file.num_row_groups):
         table = file.read_row_group(group)
         columns = {LABEL: pc.cast(table[LABEL], pa.int8())}
         for name in schema.dense:
-            x = np.nan_to_num(table[name].to_numpy(zero_copy_only=False).astype(np.float32), nan=0.0)
-            columns[name] = pa.array(np.log1p(np.maximum(x, 0)) if s.dense_transform == "log1p" else x)
+            x = table[name].to_numpy(zero_copy_only=False)
+            columns[name] = pa.array(transform_dense(x, transform, dense_stats and dense_stats[name]))
         for name in schema.sparse:
             columns[name] = pa.array(vocabs[name].lookup(table[name].to_numpy(zero_copy_only=False)))
         for name in schema.multi_valued:
@@ -322,9 +410,8 @@ def _index_and_split(staged: Path, out: Path, schema: CTRSchema, vocabs: dict[st
             flat = vocabs[name].lookup(pc.list_flatten(lists).to_numpy(zero_copy_only=False))
             columns[name] = pa.ListArray.from_arrays(pc.fill_null(lists.offsets, 0), pa.array(flat))
         indexed = pa.table(columns, schema=target)
-        draw = np.random.default_rng([s.seed, group]).random(indexed.num_rows)
-        assignment = np.searchsorted(edges, draw, side="right")
-        for code, name in enumerate(names):
+        assignment = table[_SPLIT].to_numpy()
+        for code, name in enumerate(SPLITS):
             part = indexed.filter(pa.array(assignment == code))
             writers[name].write_table(part)
             rows[name] += part.num_rows

@@ -38,6 +38,7 @@ ATOMIC = ("RecBole atomic file: tab-separated, header like "
 SEQUENCES = "user-item sequence file: one 'user item' pair per line in time order, no header"
 LIBFM = "libFM file: 'label idx:val idx:val ...' per line, label in {-1, 0, 1}"
 CRITEO = "Criteo TSV: label<TAB>13 integer columns<TAB>26 hex categorical columns, no header"
+CRITEO_UNLABELED = "Criteo TSV without labels: 13 integer columns<TAB>26 hex categorical columns, no header"
 
 _LAYOUTS = {"udata": UDATA, "ratings_csv": RATINGS_CSV, "atomic": ATOMIC}
 _RATINGS_CSV_HEADER = ["userId", "movieId", "rating", "timestamp"]
@@ -409,30 +410,42 @@ def read_libfm(path: str | Path, field_names: Sequence[str] | None = None,
     return _checked(chunks, path, f"{LIBFM} and {len(names)} fields")
 
 
-def read_criteo(path: str | Path, chunksize: int = DEFAULT_CHUNKSIZE) -> Iterator[ReadChunk]:
+def read_criteo(path: str | Path, has_label: bool = True, chunksize: int = DEFAULT_CHUNKSIZE) -> Iterator[ReadChunk]:
     """Reads a Criteo click-log TSV: label, I1..I13 integers, C1..C26 hex ids; empty = missing.
 
-    Output columns: label (int8 in {0, 1}), I1..I13 (float32, NaN when missing), C1..C26 (int64
-    decoded from hex, -1 when missing).
+    The Kaggle Display Advertising Challenge ``train.txt`` and the Terabyte ``day_N`` files share
+    this 40-column layout; the Kaggle ``test.txt`` has no label (39 columns): read it with
+    ``has_label=False`` (for scoring; it has no ``label`` column, so it cannot be prepared).
+
+    Output columns: label (int8 in {0, 1}; only with ``has_label``), I1..I13 (float32, NaN when
+    missing), C1..C26 (int64 decoded from hex, -1 when missing).
 
     Args:
         path: the TSV file (e.g. a day file, uncompressed).
+        has_label: whether each line starts with the label.
         chunksize: lines per chunk.
 
     Returns:
         A generator of ReadChunk.
+
+    Raises:
+        DataError: the file is missing or binary, or its first chunk is mostly bad (e.g. the other
+            layout: the message names the first bad line, the expected and found field counts).
 
     Example:
         >>> frame = read_all(read_criteo("day_0", chunksize=100_000), Quarantine(None))  # doctest: +SKIP
         >>> frame["C1"].dtype  # doctest: +SKIP
         dtype('int64')
     """
-    path = _text_file(path, CRITEO)
-    fields = [(0, LABEL, _label_parser({0: 0, 1: 1}))]
-    fields += [(i, name, _parse_optional_int) for i, name in enumerate(CRITEO_DENSE, start=1)]
-    fields += [(i, name, _parse_hex) for i, name in enumerate(CRITEO_SPARSE, start=1 + len(CRITEO_DENSE))]
+    expected = CRITEO if has_label else CRITEO_UNLABELED
+    path = _text_file(path, expected)
+    fields = [(0, LABEL, _label_parser({0: 0, 1: 1}))] if has_label else []
+    fields += [(i, name, _parse_optional_int) for i, name in enumerate(CRITEO_DENSE, start=len(fields))]
+    fields += [(i, name, _parse_hex) for i, name in enumerate(CRITEO_SPARSE, start=len(fields))]
     chunks = _read_delimited(path, "\t", len(fields), fields, _check_chunksize(chunksize))
-    return _checked(chunks, path, CRITEO)
+    hint = ("; a file without labels (39 fields, like the Kaggle test.txt) needs has_label: false" if has_label
+            else "; a file with labels (40 fields, like train.txt or day_N) needs has_label: true")
+    return _checked(chunks, path, expected + hint)
 
 
 def read_parquet(path: str | Path, columns: Sequence[str] | None = None,
