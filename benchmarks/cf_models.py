@@ -133,9 +133,10 @@ def run_method(name: str, method: Method, data, run) -> tuple[dict, dict | None]
     if method.early_stopping:
         data = ensure_prepared(cfg.data)
     record = run_ours(cfg, data, run)
-    return ({"epochs": record["epochs"], "fit_seconds": record["train_seconds"], "total_seconds": record["fit_seconds"],
-             "seconds_per_epoch": record["seconds_per_epoch"], "metrics": record["metrics"],
-             "model_bytes": record["table_bytes"], "early_stopping": record["early_stopping"]}, OmegaConf.to_container(cfg.model, resolve=True))
+    result = {"epochs": record["epochs"], "fit_seconds": record["train_seconds"], "total_seconds": record["fit_seconds"],
+              "seconds_per_epoch": record["seconds_per_epoch"], "metrics": record["metrics"],
+              "model_bytes": record["table_bytes"], "early_stopping": record["early_stopping"]}
+    return result, OmegaConf.to_container(cfg.model, resolve=True)
 
 
 # --------------------------------------------------------------------------- outputs

@@ -53,6 +53,7 @@ class EmbeddingBags(nn.Module):
     Args:
         vocab_sizes: rows of each feature's table, in the batch's key order.
         dim: D.
+        sparse: sparse gradients (for ``torch.optim.Adagrad`` / ``SparseAdam`` on the tables).
 
     Example:
         >>> bags = EmbeddingBags({"user": 10, "item": 20}, dim=4)
@@ -62,10 +63,10 @@ class EmbeddingBags(nn.Module):
         torch.Size([2, 2, 4])
     """
 
-    def __init__(self, vocab_sizes: dict[str, int], dim: int) -> None:
+    def __init__(self, vocab_sizes: dict[str, int], dim: int, sparse: bool = False) -> None:
         super().__init__()
         self.keys = list(vocab_sizes)
-        self.tables = nn.ModuleList(nn.EmbeddingBag(n, dim, mode="sum", include_last_offset=True)
+        self.tables = nn.ModuleList(nn.EmbeddingBag(n, dim, mode="sum", include_last_offset=True, sparse=sparse)
                                     for n in vocab_sizes.values())
         for table in self.tables:
             nn.init.normal_(table.weight, std=0.01)
@@ -105,10 +106,11 @@ class PlainDeepFM(nn.Module):
         torch.Size([2])
     """
 
-    def __init__(self, vocab_sizes: dict[str, int], n_dense: int, dim: int, hidden: Sequence[int] = HIDDEN) -> None:
+    def __init__(self, vocab_sizes: dict[str, int], n_dense: int, dim: int, hidden: Sequence[int] = HIDDEN,
+                 sparse: bool = False) -> None:
         super().__init__()
-        self.embeddings = EmbeddingBags(vocab_sizes, dim)
-        self.first_order = EmbeddingBags(vocab_sizes, 1)
+        self.embeddings = EmbeddingBags(vocab_sizes, dim, sparse)
+        self.first_order = EmbeddingBags(vocab_sizes, 1, sparse)
         self.dense_linear = nn.Linear(n_dense, 1)  # with N = 0: the bias alone
         self.deep = mlp([len(vocab_sizes) * dim + n_dense, *hidden, 1], last_relu=False)
 
@@ -161,10 +163,10 @@ class PlainDCNv2(nn.Module):
     """
 
     def __init__(self, vocab_sizes: dict[str, int], n_dense: int, dim: int, hidden: Sequence[int] = HIDDEN,
-                 cross_layers: int = 3) -> None:
+                 sparse: bool = False, cross_layers: int = 3) -> None:
         super().__init__()
         width = len(vocab_sizes) * dim + n_dense
-        self.embeddings = EmbeddingBags(vocab_sizes, dim)
+        self.embeddings = EmbeddingBags(vocab_sizes, dim, sparse)
         self.cross = CrossNetV2(width, cross_layers)
         self.deep = mlp([width, *hidden])
         self.head = nn.Linear(width + (hidden[-1] if hidden else width), 1)
@@ -198,10 +200,10 @@ class PlainDLRM(nn.Module):
     """
 
     def __init__(self, vocab_sizes: dict[str, int], n_dense: int, dim: int, hidden: Sequence[int] = HIDDEN,
-                 bottom: Sequence[int] = (64,)) -> None:
+                 sparse: bool = False, bottom: Sequence[int] = (64,)) -> None:
         super().__init__()
         n = len(vocab_sizes) + 1
-        self.embeddings = EmbeddingBags(vocab_sizes, dim)
+        self.embeddings = EmbeddingBags(vocab_sizes, dim, sparse)
         self.bottom = mlp([max(n_dense, 1), *bottom, dim])
         self.register_buffer("pairs", torch.triu_indices(n, n, offset=1), persistent=False)
         self.top = mlp([dim + n * (n - 1) // 2, *hidden, 1], last_relu=False)
@@ -251,8 +253,22 @@ def _test_metrics(labels: np.ndarray, predict: Callable[[], np.ndarray]) -> dict
             "inference_samples_per_second": len(labels) / seconds}
 
 
-def _labels(data: PreparedData, split: str) -> np.ndarray:
-    return pq.read_table(data.path(split), columns=[LABEL])[LABEL].to_numpy().astype(np.float32)
+def _head(data: PreparedData, split: str, max_rows: int | None = None, columns: list[str] | None = None):
+    """The first ``max_rows`` rows (all when None) of a prepared split, read row group by row group."""
+    if max_rows is None:
+        return pq.read_table(data.path(split), columns=columns)
+    import pyarrow as pa
+    parts, rows = [], 0
+    for batch in pq.ParquetFile(data.path(split)).iter_batches(columns=columns):
+        parts.append(batch.slice(0, max_rows - rows))
+        rows += len(parts[-1])
+        if rows >= max_rows:
+            break
+    return pa.Table.from_batches(parts)
+
+
+def _labels(data: PreparedData, split: str, max_rows: int | None = None) -> np.ndarray:
+    return _head(data, split, max_rows, [LABEL])[LABEL].to_numpy().astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,9 +351,11 @@ def train_plain(model_name: str, data: PreparedData, epochs: int = 30, batch_siz
 _FLOAT32_EXACT = 2**24  # DeepCTR-Torch feeds ids through a float32 tensor: larger ids would be rounded
 
 
-def _deepctr_inputs(data: PreparedData, split: str, schema: CTRSchema, maxlens: dict[str, int]) -> dict:
-    """A split as DeepCTR-Torch's input dict; multi-valued ids are shifted by 1 and padded with 0."""
-    table = pq.read_table(data.path(split))
+def _deepctr_inputs(data: PreparedData, split: str, schema: CTRSchema, maxlens: dict[str, int],
+                    max_rows: int | None = None) -> dict:
+    """A split (its first ``max_rows`` rows) as DeepCTR-Torch's input dict; multi-valued ids are shifted by 1 and
+    padded with 0."""
+    table = _head(data, split, max_rows)
     x = {n: table[n].to_numpy() for n in schema.sparse}
     x |= {n: table[n].to_numpy().astype(np.float32) for n in schema.dense}
     for n in schema.multi_valued:
@@ -353,7 +371,7 @@ def _deepctr_inputs(data: PreparedData, split: str, schema: CTRSchema, maxlens: 
 def train_deepctr(model_name: str, data: PreparedData, epochs: int = 30, batch_size: int = 1024, dim: int = 10,
                   seed: int = 0, dnn_hidden_units: Sequence[int] = HIDDEN, *, lr: float = 1e-3,
                   patience: int = 3, cross_num: int = 3, l2_reg_embedding: float = 1e-5, dnn_dropout: float = 0.0,
-                  init_std: float = 1e-4, eval_batch_size: int = 8192) -> dict:
+                  init_std: float = 1e-4, eval_batch_size: int = 8192, max_rows: int | None = None) -> dict:
     """Trains DeepCTR-Torch's DeepFM or DCN (full-rank "matrix" cross layers = DCNv2) on ``data``.
 
     The splits are loaded in memory (DeepCTR-Torch takes arrays): sparse columns are our vocabulary
@@ -378,6 +396,7 @@ def train_deepctr(model_name: str, data: PreparedData, epochs: int = 30, batch_s
         dnn_dropout: DNN dropout rate.
         init_std: DeepCTR-Torch's initialisation std of the embeddings and DNN weights.
         eval_batch_size: rows per scoring batch.
+        max_rows: use only the first rows of each split (e.g. to time a slice of a large file).
 
     Returns:
         The metrics dict described in the module docstring.
@@ -408,8 +427,8 @@ def train_deepctr(model_name: str, data: PreparedData, epochs: int = 30, batch_s
     model = (DeepFM(columns, columns, **common) if model_name == "DeepFM"
              else DCN(columns, columns, cross_num=cross_num, cross_parameterization="matrix", **common))
     model.compile(torch.optim.Adam(model.parameters(), lr=lr), "binary_crossentropy")
-    x = {s: _deepctr_inputs(data, s, schema, maxlens) for s in ("train", "valid", "test")}
-    y_train = _labels(data, "train")
+    x = {s: _deepctr_inputs(data, s, schema, maxlens, max_rows) for s in ("train", "valid", "test")}
+    y_train = _labels(data, "train", max_rows)
 
     def train_epoch(epoch: int) -> int:
         torch.manual_seed(seed + epoch)
@@ -420,8 +439,9 @@ def train_deepctr(model_name: str, data: PreparedData, epochs: int = 30, batch_s
     def predict(split: str) -> np.ndarray:
         return model.predict(x[split], batch_size=eval_batch_size).ravel()
 
-    fit = _early_stopping(model, train_epoch, lambda: predict("valid"), _labels(data, "valid"), epochs, patience)
-    test = _test_metrics(_labels(data, "test"), lambda: predict("test"))
+    fit = _early_stopping(model, train_epoch, lambda: predict("valid"), _labels(data, "valid", max_rows), epochs,
+                          patience)
+    test = _test_metrics(_labels(data, "test", max_rows), lambda: predict("test"))
     tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     return {"model": model_name, "library": "deepctr-torch", **test, **fit,
             "parameters": sum(p.numel() for p in model.parameters()),

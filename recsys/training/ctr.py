@@ -26,7 +26,7 @@ from recsys.embeddings.spec import TableSpec, TableStats
 from recsys.errors import ConfigError
 from recsys.models.ctr.fields import FIRST_ORDER_SUFFIX, FIRST_ORDER_WIDTH, field_specs
 from recsys.models.settings import check, is_int, is_number
-from recsys.training.distributed import (ShardingConfig, TableOptimizer, all_sum, combined_optimizer, device,
+from recsys.training.distributed import (ShardedTask, ShardingConfig, TableOptimizer, all_sum, combined_optimizer, device,
                                          init_process_group, rank_and_world, rank_share, shard)
 from recsys.training.loop import TrainerConfig
 from recsys.training.losses import binary_cross_entropy
@@ -146,7 +146,7 @@ def _first_order_settings(settings: EmbeddingSettings, first_order: str) -> Embe
     return EmbeddingSettings(settings.default, tables, settings.init_scale)
 
 
-class CTRTask:
+class CTRTask(ShardedTask):
     """A CTR model trained with binary cross-entropy on logits; implements ``Trainable`` (``predict``).
 
     Every sparse field gets one table of width D (``dim``), stored as ``embedding`` says and sharded
@@ -263,20 +263,26 @@ class CTRTask:
         total, count = 0.0, 0
         for step, batch in enumerate(rank_share(batches, len(batches))):
             self._set_lr(epoch * steps + step, self.trainer.epochs * steps, steps)
-            self.optimizer.zero_grad()  # also hands the scheduled lr to FBGEMM before this step's backward
-            batch = batch.to(device())
-            loss = binary_cross_entropy(self.model(batch.sparse, batch.dense), batch.labels)
-            total, count = total + loss.item() * len(batch), count + len(batch)
-            for extra in (self._penalty(), *(c.auxiliary_loss() for c in self._collections())):
-                if extra is not None:
-                    loss = loss + extra
-            loss.backward()
-            self.optimizer.step()
+            total, count = total + self.train_step(batch) * len(batch), count + len(batch)
             if progress is not None:
                 progress.update()
                 progress.set_postfix(loss=f"{total / count:.4f}")
         total, count = all_sum([total, count])
         return {"loss": total / max(count, 1)}
+
+    def train_step(self, batch: Batch) -> float:
+        """One optimizer step on a Batch (at the learning rates last set); returns its cross-entropy."""
+        self.model.train()
+        self.optimizer.zero_grad()  # also hands the scheduled lr to FBGEMM before this step's backward
+        batch = batch.to(device())
+        loss = binary_cross_entropy(self.model(batch.sparse, batch.dense), batch.labels)
+        value = loss.item()
+        for extra in (self._penalty(), *(c.auxiliary_loss() for c in self.collections())):
+            if extra is not None:
+                loss = loss + extra
+        loss.backward()
+        self.optimizer.step()
+        return value
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
@@ -297,18 +303,5 @@ class CTRTask:
         return torch.cat([self.embeddings(jagged([feature], [ids[i:i + chunk]]).to(device()))[feature]
                           for i in range(0, len(ids), chunk)])
 
-    def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-    def _collections(self) -> list[CompressedEmbeddings]:
+    def collections(self) -> list[CompressedEmbeddings]:
         return [c for c in (self.embeddings, self.first_order) if c is not None]
-
-    def memory(self) -> dict[str, int]:
-        return {table: size for c in self._collections() for table, size in c.memory().items()}
-
-    def memory_parts(self) -> dict[str, int]:
-        return {part: size for c in self._collections() for part, size in c.memory_parts().items()}

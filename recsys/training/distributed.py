@@ -146,6 +146,31 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+class ShardedTask:
+    """What the tasks training a DMP-wrapped ``self.model`` with ``self.optimizer`` share: their checkpoint state
+    and the table memory of ``self.collections()`` (default: ``self.embeddings``). Loading a state clears
+    ``self._items``, a cache of item vectors that tasks may keep between training steps."""
+
+    _items: torch.Tensor | None = None
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._items = None
+
+    def collections(self) -> list:
+        return [self.embeddings]
+
+    def memory(self) -> dict[str, int]:
+        return {table: size for c in self.collections() for table, size in c.memory().items()}
+
+    def memory_parts(self) -> dict[str, int]:
+        return {part: size for c in self.collections() for part, size in c.memory_parts().items()}
+
+
 def optimise(losses: Iterable[tuple[torch.Tensor, int]], optimizer, embeddings, progress=None) -> dict[str, float]:
     """Steps ``optimizer`` on each (loss, rows) of ``losses`` (plus ``embeddings.auxiliary_loss()``, e.g. VQ's
     commitment); returns the row-weighted mean loss over every rank. ``losses`` is consumed lazily, so a

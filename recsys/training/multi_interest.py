@@ -18,7 +18,7 @@ from recsys.errors import ConfigError
 from recsys.models.multi_interest import (HISTORY, NEG_ITEM, DynamicRouting, MultiInterest, SelfAttention,
                                           multi_interest_specs)
 from recsys.models.settings import check, is_int, is_number
-from recsys.training.distributed import (ShardingConfig, TableOptimizer, combined_optimizer, optimise,
+from recsys.training.distributed import (ShardedTask, ShardingConfig, TableOptimizer, combined_optimizer, optimise,
                                          init_process_group, rank_and_world, rank_share, shard)
 from recsys.training.loop import TrainerConfig
 from recsys.training.losses import sampled_softmax_loss
@@ -70,7 +70,7 @@ def recent_histories(indptr: np.ndarray, items: np.ndarray, users: np.ndarray, e
     return items[np.repeat(latest, lengths) - within], lengths
 
 
-class ComiRec:
+class ComiRec(ShardedTask):
     """ComiRec-DR / ComiRec-SA trained on next-item samples; implements ``Trainable``.
 
     Each (user, position t >= 1) of the time-ordered training sequences is a sample: the
@@ -199,17 +199,3 @@ class ComiRec:
         for k in range(1, interests.shape[1]):
             scores = torch.maximum(scores, interests[:, k] @ items.T)
         return scores
-
-    def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._items = None
-
-    def memory(self) -> dict[str, int]:
-        return self.embeddings.memory()
-
-    def memory_parts(self) -> dict[str, int]:
-        return self.embeddings.memory_parts()

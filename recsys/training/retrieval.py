@@ -16,7 +16,7 @@ from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
 from recsys.embeddings.spec import TableStats
 from recsys.errors import ConfigError
 from recsys.models.mf import NEG_ITEM, MatrixFactorization, mf_specs
-from recsys.training.distributed import (ShardingConfig, TableOptimizer, combined_optimizer, optimise,
+from recsys.training.distributed import (ShardedTask, ShardingConfig, TableOptimizer, combined_optimizer, optimise,
                                          init_process_group, rank_and_world, rank_share, shard)
 from recsys.training.loop import TrainerConfig
 from recsys.training.losses import bpr_loss, in_batch_softmax_loss
@@ -40,7 +40,7 @@ class Negatives:
     exponent: float = 1.0
 
 
-class MFRetrieval:
+class MFRetrieval(ShardedTask):
     """Matrix factorization trained with BPR or in-batch softmax; implements ``Trainable``.
 
     Args:
@@ -128,17 +128,3 @@ class MFRetrieval:
         if self._items is None:
             self._items = self.embed(ITEM, torch.arange(self.data.n_items))
         return self.embed(USER, users) @ self._items.T
-
-    def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._items = None
-
-    def memory(self) -> dict[str, int]:
-        return self.embeddings.memory()
-
-    def memory_parts(self) -> dict[str, int]:
-        return self.embeddings.memory_parts()
