@@ -24,7 +24,9 @@ Parts (``python benchmarks/ctr.py <part> ...``):
   batches; ours with full tables and with hashing (1/16), quotient-remainder (1/4) and mixed dimension (1/2),
   the plain-PyTorch model (``nn.EmbeddingBag(sparse=True)`` tables with sparse Adagrad, Adam for the dense
   layers, the same widths), and DeepCTR-Torch (its own in-memory input pipeline) for DeepFM and DCN.
-* ``profile``: ``torch.profiler`` over training steps of each model (full tables, 1M rows): where time goes.
+  Ours run without dropout and embedding L2 penalty here, as the plain twins (``LIKE_PLAIN``).
+* ``profile``: ``torch.profiler`` over training steps of each model (full tables, 1M rows, the configs as they
+  are: dropout 0.2, embedding L2 for DeepFM and DLRM): where time goes.
 
 Writes ``benchmarks/results/ctr_{frappe,speed,profile}.{json,md}`` (+ ``.png`` plots), one MLflow run per
 measurement in experiment ``benchmark-ctr`` and a ``summary-<part>`` run holding the files.
@@ -88,6 +90,8 @@ SPEED_METHODS = ("full", "hashing", "quotient_remainder", "mixed_dim")
 # Per compressed table: the smallest budget every field has a layout for (quotient-remainder has none at 1/16 for
 # Criteo's 200-1000-row fields, mixed dimension none below ~0.3 at D = 16 with widths in multiples of 4).
 SPEED_BUDGETS = {"hashing": 0.0625, "quotient_remainder": 0.25, "mixed_dim": 0.5}
+# The speed runs train the same network as the plain-PyTorch twin: no dropout, no embedding L2 penalty.
+LIKE_PLAIN = ["model.model.dropout=0", "model.embedding_l2=0"]
 DEEPCTR = {"deepfm": "DeepFM", "dcnv2": "DCN"}
 
 
@@ -431,7 +435,7 @@ def plain_model(model: str, data, cfg) -> tuple[nn.Module, list[torch.optim.Opti
 def speed_one(model: str, scale: str, library: str, method: str, args, data) -> dict:
     """Training and inference samples/s of one configuration."""
     extra = [] if method == "full" else embedding_overrides(method, SPEED_BUDGETS[method])
-    cfg = criteo_cfg(model, scale, [f"trainer.batch_size={args.batch_size}", *extra])
+    cfg = criteo_cfg(model, scale, [f"trainer.batch_size={args.batch_size}", *LIKE_PLAIN, *extra])
     to_batch = CTRBatcher(data.ctr_schema)
 
     def stream(split: str, shuffle: int) -> Iterator:
@@ -573,6 +577,8 @@ GROUPS = {  # substring of the op name -> what it is
     "threshold": "activations", "relu": "activations", "dropout": "dropout", "bernoulli": "dropout",
     "cat": "concat / copies", "copy_": "concat / copies", "stack": "concat / copies", "to_padded": "jagged -> dense",
     "binary_cross_entropy": "loss", "jagged": "jagged -> dense", "all_reduce": "collectives", "sum": "reductions",
+    "mul": "elementwise (mul, add, pow, ...)", "add": "elementwise (mul, add, pow, ...)",
+    "pow": "elementwise (mul, add, pow, ...)", "index": "indexing / gathers", "gather": "indexing / gathers",
 }
 
 
