@@ -31,9 +31,9 @@ Parts (``python benchmarks/ctr.py <part> ...``):
 Writes ``benchmarks/results/ctr_{frappe,speed,profile}.{json,md}`` (+ ``.png`` plots), one MLflow run per
 measurement in experiment ``benchmark-ctr`` and a ``summary-<part>`` run holding the files.
 
-    python benchmarks/ctr.py frappe                        # about 50 minutes on 2 cores
+    python benchmarks/ctr.py frappe                        # about 70 minutes on 2 cores
     python benchmarks/ctr.py frappe --seeds 0 --budgets 0.0625 --methods hashing
-    python benchmarks/ctr.py speed                         # about 30 minutes (prepares 10M rows once)
+    python benchmarks/ctr.py speed                         # about 20 minutes (prepares 10M rows once, ~80 s)
     python benchmarks/ctr.py profile
 """
 
