@@ -59,11 +59,11 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from benchmarks.mf import compose_cfg, data_info, fmt_bytes, machine, run_popularity  # noqa: E402
+from benchmarks.mf import compose_cfg, data_info, fit_logged, fmt_bytes, machine, run_popularity  # noqa: E402
 from pipelines.prepare import ensure_prepared  # noqa: E402
 from recsys.errors import ConfigError  # noqa: E402
 from recsys.tracking.mlflow_run import Tracker  # noqa: E402
-from recsys.training.loop import evaluate, fit  # noqa: E402
+from recsys.training.loop import evaluate  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DATASET = "ml100k"
@@ -215,15 +215,8 @@ def train(cfg, data, run, embedding=None, epochs: int | None = None) -> tuple[ob
     began = time.perf_counter()
     task, trainer = build_task(cfg, data, embedding, epochs)
     build_seconds = time.perf_counter() - began
-    seconds: list[float] = []
-
-    def log(metrics, step):
-        seconds.append(metrics["epoch_seconds"])
-        if run is not None:
-            run.log_metrics(metrics, step)
-
     began = time.perf_counter()
-    metrics = fit(task, data, trainer, log=log)
+    metrics, seconds, _ = fit_logged(task, data, trainer, run)
     return task, {"epochs": len(seconds), "build_seconds": build_seconds, "train_seconds": float(np.sum(seconds)),
                   "fit_seconds": time.perf_counter() - began, "metrics": metrics,
                   "memory": {k: int(v) for k, v in task.memory().items()}, "layout": layout(task)}

@@ -62,7 +62,7 @@ from torch import nn  # noqa: E402
 
 from benchmarks.compression import git_state, pq_subspaces  # noqa: E402
 from benchmarks.ctr_baselines import PLAIN_MODELS, train_deepctr, train_plain  # noqa: E402
-from benchmarks.mf import CHECKPOINTS, compose_cfg, fmt_bytes, machine  # noqa: E402
+from benchmarks.mf import CHECKPOINTS, compose_cfg, fit_logged, fmt_bytes, machine  # noqa: E402
 from pipelines.prepare import ensure_prepared  # noqa: E402
 from recsys.data.batching import CTRBatcher, ParquetBatches  # noqa: E402
 from recsys.embeddings.collection import EmbeddingSettings  # noqa: E402
@@ -70,7 +70,7 @@ from recsys.embeddings.quantization import DifferentiableVQTable, ProductQuantiz
 from recsys.errors import ConfigError  # noqa: E402
 from recsys.tracking.mlflow_run import Tracker  # noqa: E402
 from recsys.training.ctr import CTRTask  # noqa: E402
-from recsys.training.loop import evaluate, fit  # noqa: E402
+from recsys.training.loop import evaluate  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("deepfm", "dcnv2", "dlrm")
@@ -120,18 +120,7 @@ def table_bytes(task: CTRTask) -> int:
 
 def train_task(task: CTRTask, cfg, data, run) -> dict:
     """``fit`` with the loop's early stopping; returns test metrics, epochs and training seconds."""
-    seconds: list[float] = []
-    best: dict = {}
-
-    def log(metrics, step):
-        if "epoch_seconds" in metrics:
-            seconds.append(metrics["epoch_seconds"])
-        else:
-            best.update(metrics)
-        if run is not None:
-            run.log_metrics(metrics, step)
-
-    metrics = fit(task, data, instantiate(cfg.trainer), log=log)
+    metrics, seconds, best = fit_logged(task, data, instantiate(cfg.trainer), run)
     rows = data.manifest["rows"]["train"] * len(seconds)
     return {"test_auc": metrics["auc"], "test_logloss": metrics["logloss"], "epochs_run": len(seconds),
             "train_samples_per_second": rows / max(sum(seconds), 1e-9),
@@ -162,20 +151,22 @@ def exported(cfg, data, source: CTRTask, tables: dict[str, ProductQuantization])
     return task
 
 
-def test_metrics(task: CTRTask, data) -> dict:
+def held_out_metrics(task: CTRTask, data) -> dict:
     metrics = evaluate(task, data, "test", [20])
     return {"test_auc": metrics["auc"], "test_logloss": metrics["logloss"]}
 
 
-def fit_budget(measure: Callable[[float], int], target: int, start: float) -> tuple[float, int]:
-    """The largest per-table budget (searched from ``start`` down) whose measured total bytes fit ``target``."""
+def fit_budget(build: Callable[[float], CTRTask], target: int, start: float,
+               size: Callable[[CTRTask], int] = table_bytes) -> tuple[float, CTRTask]:
+    """The per-table budget, searched from ``start`` down, whose model (``build(budget)``) has a measured
+    ``size`` within ``target`` bytes; returns it and that model."""
     budget = start
     for _ in range(12):
-        size = measure(budget)
-        if size <= target:
-            return budget, size
-        budget *= 0.98 * target / size
-    raise ConfigError(f"no per-table budget fits {target} bytes (last tried {budget:.5f}: {size} bytes)")
+        task = build(budget)
+        if (measured := size(task)) <= target:
+            return budget, task
+        budget *= 0.98 * target / measured
+    raise ConfigError(f"no per-table budget fits {target} bytes (last tried {budget:.5f}: {measured} bytes)")
 
 
 def embedding_overrides(method: str, budget: float) -> list[str]:
@@ -196,41 +187,36 @@ def frappe_compressed(model: str, method: str, ratio: float, seed: int, data, fu
     """One compression method at total-memory ``ratio`` of the full model ``full`` (its record and task)."""
     first_order = ["model.first_order=none"] if model == "deepfm" else []
     target = int(ratio * full[0]["table_bytes"])
+    cfg = frappe_cfg(model, seed, first_order)  # the model and trainer settings; each build sets the tables
     if method == "pq_post":
         vectors = table_vectors(full[1])
-        cfg = frappe_cfg(model, seed, first_order)
 
         def tables(budget: float) -> dict[str, ProductQuantization]:
             return {name: ProductQuantization.from_table(v, pq_subspaces({name: tuple(v.shape)}, budget), budget=budget,
                                                          seed=seed)
                     for name, v in vectors.items() if len(v) >= cfg.model.compress_min_rows}
 
-        budget, _ = fit_budget(lambda b: table_bytes(exported(cfg, data, full[1], tables(b))), target, ratio)
         began = time.perf_counter()
-        task = exported(cfg, data, full[1], tables(budget))
-        return {**test_metrics(task, data), "table_bytes": table_bytes(task), "per_table_budget": budget,
+        budget, task = fit_budget(lambda b: exported(cfg, data, full[1], tables(b)), target, ratio)
+        return {**held_out_metrics(task, data), "table_bytes": table_bytes(task), "per_table_budget": budget,
                 "epochs_run": 0, "best_epoch": 0, "train_seconds": time.perf_counter() - began}
 
-    def configured(budget: float):
-        return frappe_cfg(model, seed, [*first_order, *embedding_overrides(method, budget)])
+    def vq_export(task: CTRTask) -> CTRTask:
+        """The served model of a vq_e2e task: its VQ tables exported to PQ (codes + codebooks)."""
+        vq = table_vectors(task, DifferentiableVQTable)
+        return exported(cfg, data, task, {n: task.embeddings.methods[n].export(v) for n, v in vq.items()})
 
-    def measure(budget: float) -> int:
-        task = build_task(configured(budget), data)
-        if method == "vq_e2e":  # what counts is the export: codes + codebooks
-            vq = table_vectors(task, DifferentiableVQTable)
-            task = exported(configured(budget), data, task, {n: task.embeddings.methods[n].export(v)
-                                                              for n, v in vq.items()})
-        return table_bytes(task)
+    def build(budget: float) -> CTRTask:
+        return build_task(frappe_cfg(model, seed, [*first_order, *embedding_overrides(method, budget)]), data)
 
-    budget, _ = fit_budget(measure, target, ratio)
-    cfg = configured(budget)
-    task = build_task(cfg, data)
+    # vq_e2e: what counts is the export's memory (an eval-mode export leaves the VQ tables' counters as they are)
+    budget, task = fit_budget(build, target, ratio, (lambda t: table_bytes(vq_export(t))) if method == "vq_e2e"
+                              else table_bytes)
     record = train_task(task, cfg, data, run)
     if method == "vq_e2e":
-        vq = table_vectors(task, DifferentiableVQTable)
         trained = {"test_auc_before_export": record["test_auc"], "training_table_bytes": record["table_bytes"]}
-        task = exported(cfg, data, task, {n: task.embeddings.methods[n].export(v) for n, v in vq.items()})
-        record |= {**test_metrics(task, data), "table_bytes": table_bytes(task), **trained}
+        served = vq_export(task)
+        record |= {**held_out_metrics(served, data), "table_bytes": table_bytes(served), **trained}
     return {**record, "per_table_budget": budget}
 
 

@@ -117,24 +117,30 @@ def data_info(data) -> dict:
 
 # --------------------------------------------------------------------------- the methods
 
-def run_ours(cfg, data, run, split: str = "test") -> dict:
-    """Trains cfg.model with recsys.training.loop.fit; returns its record."""
-    torch.manual_seed(SEED)
-    trainer = instantiate(cfg.trainer)
-    model = build_model(cfg, data, trainer)
+def fit_logged(model, data, trainer, run) -> tuple[dict, list[float], dict]:
+    """``recsys.training.loop.fit`` with its per-epoch metrics logged to the MLflow ``run`` (None: not logged);
+    returns (test metrics, each epoch's training seconds, the early-stopping summary: best metric and epoch)."""
     epochs: list[float] = []
     best: dict[str, float] = {}
 
     def log(metrics, step):
         if "epoch_seconds" in metrics:
             epochs.append(metrics["epoch_seconds"])
-        else:  # the early-stopping summary: best validation metric and epoch
+        else:  # the early-stopping summary
             best.update(metrics)
         if run is not None:
             run.log_metrics(metrics, step)
 
+    return fit(model, data, trainer, log=log), epochs, best
+
+
+def run_ours(cfg, data, run, split: str = "test") -> dict:
+    """Trains cfg.model with recsys.training.loop.fit; returns its record."""
+    torch.manual_seed(SEED)
+    trainer = instantiate(cfg.trainer)
+    model = build_model(cfg, data, trainer)
     began = time.perf_counter()
-    metrics = fit(model, data, trainer, log=log)  # test metrics (checkpoints every epoch, as the pipeline)
+    metrics, epochs, best = fit_logged(model, data, trainer, run)  # test metrics (checkpoints every epoch)
     fit_seconds = time.perf_counter() - began
     if split != "test":
         metrics = evaluate(model, data, split, [K])

@@ -130,7 +130,6 @@ class ComiRec(ShardedTask):
         table_optimizer.apply(self.embeddings)
         self.model = shard(MultiInterest(self.embeddings, extractor.build(dim, max_length)), sharding)
         self.optimizer = combined_optimizer(self.model, table_optimizer, lr=dense_lr)
-        self._items: torch.Tensor | None = None
 
     def train_epoch(self, epoch: int, progress: tqdm | None) -> dict[str, float]:
         self.model.train()

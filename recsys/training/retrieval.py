@@ -86,7 +86,6 @@ class MFRetrieval(ShardedTask):
         self.model = shard(MatrixFactorization(embeddings), sharding)
         self.embeddings = embeddings
         self.optimizer = combined_optimizer(self.model, table_optimizer)
-        self._items: torch.Tensor | None = None
 
     def train_epoch(self, epoch: int, progress: tqdm | None) -> dict[str, float]:
         self.model.train()
