@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipelines.prepare import ensure_prepared
 from recsys.evaluation import ClickRate, PopularityScorer
+from recsys.inference.export import package_model
+from recsys.tracking.registry import log_package
 from recsys.training.distributed import init_process_group, is_main, launched, main_first
 from recsys.training.loop import evaluate, fit
 
@@ -32,8 +34,9 @@ def build_model(cfg: DictConfig, data, trainer):
 
 
 def run(cfg: DictConfig) -> dict:
-    """Prepares data, trains ``cfg.model``, logs to MLflow; returns test metrics, the baseline's (popularity, or the
-    click rate for CTR data), table bytes and the run id."""
+    """Prepares data, trains ``cfg.model``, logs to MLflow (the run, and the model as a pyfunc unless
+    ``log_model=false``); returns test metrics, the baseline's (popularity, or the click rate for CTR data), table
+    bytes, the run id, the logged model's URI and the trained model."""
     trainer = instantiate(cfg.trainer)
     if trainer.distributed or launched():
         init_process_group(trainer.distributed)  # a clear error when the launch does not match the setting
@@ -53,8 +56,13 @@ def run(cfg: DictConfig) -> dict:
         mlrun.log_metrics({**memory, "total": sum(memory.values())}, prefix="table_bytes_")
         if hasattr(model, "memory_parts"):  # tables, codebooks, codes, id maps, projections
             mlrun.log_dict(model.memory_parts(), "table_memory.json")
+        model_uri = None
+        if cfg.log_model:
+            package = package_model(model, data, config, metrics)  # every rank: sharded tables are gathered
+            if mlrun.active:
+                model_uri = log_package(package)["model_uri"]
     return {"metrics": metrics, "baseline": baseline, "memory": memory, "run_id": mlrun.id,
-            "tracking_uri": tracker.uri}
+            "tracking_uri": tracker.uri, "model_uri": model_uri, "model": model}
 
 
 def train(*overrides: str) -> dict:

@@ -417,3 +417,7 @@ class ImplicitALS:
 
     def memory(self) -> dict[str, int]:
         return {"user": tensor_bytes(self.user_factors), "item": tensor_bytes(self.item_factors)}
+
+    def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
+        return "als", {"factors": self.factors}, {f"model.{k}": v for k, v in self.state().items()}

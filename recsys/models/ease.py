@@ -346,6 +346,18 @@ class EASE:
                 target.copy_(state[name])
         self._bt = None
 
+    def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """Family, build arguments and tensors of a model package (see ``recsys.inference``): B dense, or its
+        pruned CSR parts (values, row indices, column pointers), and the kept items' id map."""
+        if not bool(self.fitted):
+            raise ConfigError("EASE is not fitted yet: train at least one epoch before exporting it")
+        if self._nnz is None:
+            weights = {"item_item": self.item_item}
+        else:
+            nnz = int(self.indptr[-1])
+            weights = {"values": self.values[:nnz], "indices": self.indices[:nnz], "indptr": self.indptr}
+        return "ease", {"n_items": self.data.n_items}, {f"model.{k}": v for k, v in {**weights, "items": self.items}.items()}
+
     def memory_parts(self) -> dict[str, int]:
         """Bytes of every stored tensor of ``B``: ``item_item/<part>``, with the kept items' id map."""
         names = ("item_item",) if self._nnz is None else ("values", "indices", "indptr")

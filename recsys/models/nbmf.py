@@ -460,6 +460,10 @@ class NBMF:
                 target.copy_(value)
         self._item_matrix = None
 
+    def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
+        return "nbmf", {"factors": self.factors}, {f"model.{k}": v for k, v in self.state().items()}
+
     def memory(self) -> dict[str, int]:
         """``{"user": bytes of W (float32), "item": bytes of the packed codes (ceil(k / 8) per item)}``."""
         return {"user": tensor_bytes(self.user_factors), "item": tensor_bytes(self.item_codes)}

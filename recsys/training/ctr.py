@@ -24,6 +24,7 @@ from recsys.embeddings.graph_hash import GraphHash
 from recsys.embeddings.memory import TABLE_KEY
 from recsys.embeddings.spec import TableSpec, TableStats
 from recsys.errors import ConfigError
+from recsys.inference.package import to_config
 from recsys.models.ctr.fields import FIRST_ORDER_SUFFIX, FIRST_ORDER_WIDTH, field_specs
 from recsys.models.settings import check, is_int, is_number
 from recsys.training.distributed import (ShardedTask, ShardingConfig, TableOptimizer, all_sum, combined_optimizer, device,
@@ -121,13 +122,13 @@ def field_counts(path: str | Path, schema: CTRSchema, vocab_sizes: dict[str, int
 
 
 def _collection(specs: list[TableSpec], settings: EmbeddingSettings, counts: dict[str, np.ndarray],
-                compress_min_rows: int) -> CompressedEmbeddings:
+                compress_min_rows: int, device: torch.device | None = None) -> CompressedEmbeddings:
     """The tables of ``specs`` on the meta device; tables under ``compress_min_rows`` rows stay full
     unless ``settings.tables`` names them."""
     specs = [replace(s, compression=Full()) if s.num_embeddings < compress_min_rows and s.name not in settings.tables
              else s for s in specs]
     stats = {s.name: TableStats(counts=counts[s.feature_names[0]]) for s in specs}
-    return CompressedEmbeddings(specs, settings, stats, device=torch.device("meta"))
+    return CompressedEmbeddings(specs, settings, stats, device=device)
 
 
 def _check_compression(settings: EmbeddingSettings) -> None:
@@ -144,6 +145,23 @@ def _first_order_settings(settings: EmbeddingSettings, first_order: str) -> Embe
         return EmbeddingSettings(init_scale=settings.init_scale)
     tables = {f"{k}{FIRST_ORDER_SUFFIX}": v for k, v in settings.tables.items()}
     return EmbeddingSettings(settings.default, tables, settings.init_scale)
+
+
+def ctr_network(model: Callable[..., nn.Module], schema: CTRSchema, vocab_sizes: dict[str, int],
+                counts: dict[str, np.ndarray], settings: EmbeddingSettings, dim: int, first_order: str = "none",
+                multi_valued_pooling: str = "mean", compress_min_rows: int = 200, device: torch.device | None = None
+                ) -> tuple[nn.Module, CompressedEmbeddings, CompressedEmbeddings | None]:
+    """The network ``model(embeddings, n_dense=..., [first_order=...])`` with one table per sparse field (stored as
+    ``settings`` says, tables under ``compress_min_rows`` kept full), its field collection and its first-order
+    collection (or None). ``CTRTask`` trains it; a model package rebuilds it from the same arguments."""
+    embeddings = _collection(field_specs(schema, vocab_sizes, dim, multi_valued_pooling), settings, counts,
+                             compress_min_rows, device)
+    first = None
+    if first_order != "none":
+        specs = field_specs(schema, vocab_sizes, FIRST_ORDER_WIDTH, multi_valued_pooling, FIRST_ORDER_SUFFIX)
+        first = _collection(specs, _first_order_settings(settings, first_order), counts, compress_min_rows, device)
+    extra = {"first_order": first} if "first_order" in inspect.signature(model).parameters else {}
+    return model(embeddings, n_dense=len(schema.dense), **extra), embeddings, first
 
 
 class CTRTask(ShardedTask):
@@ -206,19 +224,15 @@ class CTRTask(ShardedTask):
         self.data, self.trainer, self.schedule = data, trainer, lr_schedule or LRSchedule()
         self.embedding_l2, self._looked_up = float(embedding_l2), None
         self.to_batch = CTRBatcher(schema)
-        counts = field_counts(data.path("train"), schema, data.vocab_sizes)
+        self.counts = field_counts(data.path("train"), schema, data.vocab_sizes)
         torch.manual_seed(trainer.seed)
-        self.embeddings = _collection(field_specs(schema, data.vocab_sizes, dim, multi_valued_pooling), settings,
-                                      counts, compress_min_rows)
-        self.first_order = None
-        if first_order != "none":
-            specs = field_specs(schema, data.vocab_sizes, FIRST_ORDER_WIDTH, multi_valued_pooling, FIRST_ORDER_SUFFIX)
-            self.first_order = _collection(specs, _first_order_settings(settings, first_order), counts,
-                                           compress_min_rows)
+        self.build = {"dim": dim, "first_order": first_order, "multi_valued_pooling": multi_valued_pooling,
+                      "compress_min_rows": compress_min_rows}
+        self.network_factory, self.settings = model, settings
+        network, self.embeddings, self.first_order = ctr_network(model, schema, data.vocab_sizes, self.counts, settings,
+                                                                 **self.build, device=torch.device("meta"))
         if self.embedding_l2:
             self.embeddings.register_forward_hook(self._keep_lookups)
-        extra = {"first_order": self.first_order} if takes_first_order else {}
-        network = model(self.embeddings, n_dense=len(schema.dense), **extra)
         table_optimizer = table_optimizer or TableOptimizer()
         table_optimizer.apply(network)
         self.model = shard(network, sharding)
@@ -302,6 +316,12 @@ class CTRTask(ShardedTask):
         ids = ids.cpu()
         return torch.cat([self.embeddings(jagged([feature], [ids[i:i + chunk]]).to(device()))[feature]
                           for i in range(0, len(ids), chunk)])
+
+    def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
+        build = {**self.build, "model": to_config(self.network_factory), "settings": to_config(self.settings)}
+        counts = {f"stats.{f}.counts": torch.from_numpy(c.astype(np.int64)) for f, c in self.counts.items()}
+        return "ctr", build, {**self.model_tensors(), **counts}
 
     def collections(self) -> list[CompressedEmbeddings]:
         return [c for c in (self.embeddings, self.first_order) if c is not None]

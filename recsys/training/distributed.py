@@ -164,6 +164,10 @@ class ShardedTask:
     def collections(self) -> list:
         return [self.embeddings]
 
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """``model.<key>``: the unsharded state dict of ``self.model`` (a collective on several ranks)."""
+        return {f"model.{k}": v for k, v in unsharded(self.model.state_dict()).items()}
+
     def memory(self) -> dict[str, int]:
         return {table: size for c in self.collections() for table, size in c.memory().items()}
 

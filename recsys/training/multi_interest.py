@@ -15,6 +15,7 @@ from recsys.data.schemas import ITEM
 from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
 from recsys.embeddings.spec import TableStats
 from recsys.errors import ConfigError
+from recsys.inference.package import stats_tensors, to_config
 from recsys.models.multi_interest import (HISTORY, NEG_ITEM, DynamicRouting, MultiInterest, SelfAttention,
                                           multi_interest_specs)
 from recsys.models.settings import check, is_int, is_number
@@ -123,8 +124,9 @@ class ComiRec(ShardedTask):
         self.sample_users = np.repeat(np.arange(data.n_users), per_user)
         self.sample_ends = np.arange(per_user.sum()) - np.repeat(np.cumsum(per_user) - per_user, per_user) + 1
         torch.manual_seed(trainer.seed)
-        stats = {ITEM: TableStats(counts, data.clusters(ITEM), data.graph("train"), "item")}
-        self.embeddings = CompressedEmbeddings(multi_interest_specs(data.n_items, dim), embedding, stats,
+        self.stats = {ITEM: TableStats(counts, data.clusters(ITEM), data.graph("train"), "item")}
+        self.settings, self.extractor, self.dim = embedding or EmbeddingSettings(), extractor, dim
+        self.embeddings = CompressedEmbeddings(multi_interest_specs(data.n_items, dim), self.settings, self.stats,
                                                device=torch.device("meta"))
         table_optimizer = table_optimizer or TableOptimizer()
         table_optimizer.apply(self.embeddings)
@@ -165,6 +167,12 @@ class ComiRec(ShardedTask):
         log_q = self.sampler.log_probabilities
         return sampled_softmax_loss(selected, positives, vectors[NEG_ITEM], targets, negatives,
                                     (log_q[targets], log_q[negatives]), self.temperature)
+
+    def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
+        build = {"dim": self.dim, "max_length": self.max_length, "extractor": to_config(self.extractor),
+                 "settings": to_config(self.settings)}
+        return "comirec", build, {**self.model_tensors(), **stats_tensors(self.stats, self.settings)}
 
     @torch.no_grad()
     def item_vectors(self, chunk: int = 65536) -> torch.Tensor:

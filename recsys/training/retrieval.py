@@ -15,6 +15,7 @@ from recsys.data.schemas import ITEM, USER
 from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
 from recsys.embeddings.spec import TableStats
 from recsys.errors import ConfigError
+from recsys.inference.package import stats_tensors, to_config
 from recsys.models.mf import NEG_ITEM, MatrixFactorization, mf_specs
 from recsys.training.distributed import (ShardedTask, ShardingConfig, TableOptimizer, combined_optimizer, optimise,
                                          init_process_group, rank_and_world, rank_share, shard)
@@ -79,7 +80,8 @@ class MFRetrieval(ShardedTask):
         torch.manual_seed(trainer.seed)
         stats = {USER: TableStats(np.bincount(graph.users, minlength=data.n_users), data.clusters(USER), graph, "user"),
                  ITEM: TableStats(counts, data.clusters(ITEM), graph, "item")}
-        embeddings = CompressedEmbeddings(mf_specs(data.n_users, data.n_items, dim), embedding, stats,
+        self.dim, self.settings, self.stats = dim, embedding or EmbeddingSettings(), stats
+        embeddings = CompressedEmbeddings(mf_specs(data.n_users, data.n_items, dim), self.settings, stats,
                                           device=torch.device("meta"))
         table_optimizer = table_optimizer or TableOptimizer()
         table_optimizer.apply(embeddings)
@@ -114,6 +116,11 @@ class MFRetrieval(ShardedTask):
         out = self.model(jagged(FEATURES[:2], [users, items]))
         return in_batch_softmax_loss(out[USER], out[ITEM], items, self.popularity.log_probabilities[items],
                                      self.temperature)
+
+    def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
+        build = {"dim": self.dim, "settings": to_config(self.settings)}
+        return "mf", build, {**self.model_tensors(), **stats_tensors(self.stats, self.settings)}
 
     @torch.no_grad()
     def embed(self, feature: str, ids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:

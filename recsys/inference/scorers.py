@@ -1,0 +1,443 @@
+"""Models rebuilt from their packages for inference: top-K recommendations, similar items, CTR scores.
+
+``load(path)`` returns a ``Recommender`` (MF, ALS, EASE, NBMF, ComiRec) or a ``CTRScorer`` (DLRM, DCNv2,
+DeepFM). Neither needs the training data: vocabularies, histories and id statistics come from the package.
+
+Recommending: a known user is scored by the model (``source="model"``); a user the model has not seen is
+scored from the recent items given for them (``history``: MF/ALS/NBMF average those items' vectors, ComiRec
+extracts interests from them, EASE multiplies them by B); with no usable items it gets the most popular
+items (``popularity``). Vector models (MF, ALS, ComiRec) retrieve through a FAISS index (exact inner product
+by default, any ``index_factory`` string); EASE and NBMF score every item with their own weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torchrec import KeyedJaggedTensor
+
+from recsys.data.batching import CTRBatcher, jagged
+from recsys.data.prepare import transform_dense
+from recsys.data.schemas import ITEM, LABEL, USER, CTRSchema
+from recsys.embeddings.collection import CompressedEmbeddings
+from recsys.embeddings.serving_quantization import quantize_tables
+from recsys.errors import ConfigError, DataError
+from recsys.inference.package import Package, from_config, stats_from
+from recsys.models.ease import _csr
+from recsys.models.mf import MatrixFactorization, mf_specs
+from recsys.models.multi_interest import HISTORY, MultiInterest, multi_interest_specs
+from recsys.models.nbmf import unpack_codes
+from recsys.retrieval import ItemIndex, multi_interest_retrieve
+
+SOURCES = ("model", "history", "popularity")
+
+
+@dataclass
+class Recommendations:
+    """Top items of one query: raw item ids, scores (best first) and where they came from (``SOURCES``)."""
+
+    items: np.ndarray
+    scores: np.ndarray
+    source: str
+
+
+class Recommender:
+    """A ranking model from its package. Item index 0 (OOV) is never recommended.
+
+    Args:
+        package: the loaded package.
+        index: FAISS ``index_factory`` string of the item index of vector models (``Flat`` = exact).
+    """
+
+    family = ""
+    uses_index = True  # retrieve through FAISS over item_vectors (False: score every item with the model)
+
+    def __init__(self, package: Package, index: str = "Flat"):
+        self.package = package
+        self.users, self.items = package.vocabulary(USER), package.vocabulary(ITEM)
+        self.n_items = len(self.items)
+        t = package.tensors
+        self._history = (t["history.indptr"].numpy(), t["history.indices"].numpy())
+        self._exclude = (t["exclude.indptr"].numpy(), t["exclude.indices"].numpy()) if "exclude.indptr" in t \
+            else self._history
+        self.popularity = t["popularity"].double().numpy()
+        self.index_factory = index
+        self.index = None
+
+    # ------------------------------------------------------------------ ids
+    def user_index(self, raw) -> np.ndarray:
+        """Raw user ids -> indices, -1 for users the model has not seen."""
+        return self.users.lookup(_like(raw, self.users.ids), missing="negative")
+
+    def item_index(self, raw) -> np.ndarray:
+        """Raw item ids -> indices, -1 for unknown items."""
+        return self.items.lookup(_like(raw, self.items.ids), missing="negative")
+
+    def history(self, user: int) -> np.ndarray:
+        """A known user's training items in time order (item indices)."""
+        indptr, items = self._history
+        return items[indptr[user]:indptr[user + 1]]
+
+    def excluded(self, user: int) -> np.ndarray:
+        """Item indices a known user already interacted with (training and validation splits)."""
+        indptr, items = self._exclude
+        return items[indptr[user]:indptr[user + 1]]
+
+    # ------------------------------------------------------------------ what each family implements
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        """(B,) known user indices -> (B, N) scores of every item."""
+        return self._dense(self.queries(users))
+
+    def score_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """B lists of item indices (most recent last) -> (B, N) scores, for users the model has not seen."""
+        return self._dense(self.history_queries(histories))
+
+    def queries(self, users: torch.Tensor) -> torch.Tensor:
+        """(B,) known users -> (B, K, D) query vectors (vector models)."""
+        raise ConfigError(f"{self.family} has no query vectors")
+
+    def history_queries(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """(B, K, D) queries of users given by their items (vector models): the mean of the items' vectors."""
+        vectors = self.item_vectors()
+        return torch.stack([vectors[torch.as_tensor(h, dtype=torch.long)].mean(0) for h in histories]).unsqueeze(1)
+
+    def item_vectors(self) -> torch.Tensor:
+        """(N, D) item vectors (row 0 = OOV), for retrieval and similar items."""
+        raise ConfigError(f"{self.family} has no item vectors")
+
+    def similar_scores(self, items: np.ndarray) -> torch.Tensor:
+        """(B,) item indices -> (B, N) similarity to every item (inner product of item vectors by default)."""
+        vectors = self.item_vectors()
+        return vectors[torch.as_tensor(items, dtype=torch.long)] @ vectors.T
+
+    def _dense(self, queries: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bkd,nd->bkn", queries, self.item_vectors()).max(1).values
+
+    # ------------------------------------------------------------------ retrieval
+    def _item_index(self) -> ItemIndex:
+        if self.index is None:
+            self.index = ItemIndex(self.item_vectors()[1:].numpy(), ids=np.arange(1, self.n_items), factory=self.index_factory)
+        return self.index
+
+    def recommend(self, users: np.ndarray, k: int, histories: list[np.ndarray | None] | None = None,
+                  exclude_seen: bool = True, allowed: np.ndarray | None = None,
+                  excluded: np.ndarray | None = None) -> list[Recommendations]:
+        """Top-``k`` items for each query.
+
+        Args:
+            users: (B,) user indices, -1 for users the model has not seen.
+            k: items per query.
+            histories: per query, item indices of recent items (used for unseen users), or None.
+            exclude_seen: leave out a known user's training and validation items (and an unseen user's given items).
+            allowed: item indices to choose from (None: every item).
+            excluded: item indices never to return.
+        """
+        histories = histories if histories is not None else [None] * len(users)
+        plan = []  # (row, source, history)
+        for row, (user, history) in enumerate(zip(users, histories)):
+            history = None if history is None else np.asarray(history, dtype=np.int64)
+            history = None if history is None else history[history > 0]
+            if user >= 0:
+                plan.append((row, "model", self.history(user)))
+            elif history is not None and len(history):
+                plan.append((row, "history", history))
+            else:
+                plan.append((row, "popularity", np.empty(0, dtype=np.int64)))
+        out: list[Recommendations | None] = [None] * len(users)
+        for source in SOURCES:
+            rows = [(row, h) for row, s, h in plan if s == source]
+            if not rows:
+                continue
+            skip = [self._skip(users[row], h, exclude_seen, excluded) for row, h in rows]
+            found = self._top(source, [users[row] for row, _ in rows], [h for _, h in rows], k, skip, allowed)
+            for (row, _), (items, scores) in zip(rows, found):
+                out[row] = Recommendations(self.items.raw(items) if len(items) else items, scores, source)
+        return out
+
+    def _skip(self, user: int, history: np.ndarray, exclude_seen: bool, excluded: np.ndarray | None) -> np.ndarray:
+        parts = [np.zeros(1, dtype=np.int64)]  # OOV
+        if exclude_seen:
+            parts.append(self.excluded(user) if user >= 0 else history)
+        if excluded is not None:
+            parts.append(np.asarray(excluded, dtype=np.int64))
+        return np.unique(np.concatenate(parts))
+
+    def _top(self, source: str, users: list[int], histories: list[np.ndarray], k: int, skip: list[np.ndarray],
+             allowed: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        if source != "popularity" and self.uses_index and allowed is None:
+            queries = self.queries(torch.as_tensor(users)) if source == "model" else self.history_queries(histories)
+            return self._search(queries.numpy(), k, skip)
+        if source == "model":
+            scores = self.score_users(torch.as_tensor(users)).double()
+        elif source == "history":
+            scores = self.score_histories(histories).double()
+        else:
+            scores = torch.from_numpy(self.popularity).expand(len(users), -1).clone()
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        if allowed is not None:
+            mask[:] = True
+            mask[:, torch.as_tensor(allowed, dtype=torch.long)] = False
+        for row, items in enumerate(skip):
+            mask[row, torch.as_tensor(items, dtype=torch.long)] = True
+        scores = scores.masked_fill(mask, -torch.inf)
+        values, items = scores.topk(min(k, scores.shape[1]), dim=1)
+        kept = torch.isfinite(values)
+        return [(items[r][kept[r]].numpy(), values[r][kept[r]].float().numpy()) for r in range(len(users))]
+
+    def _search(self, queries: np.ndarray, k: int, skip: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        index = self._item_index()
+        n = min(len(index), k + max(len(s) for s in skip))
+        if queries.shape[1] == 1:
+            scores, ids = index.search(queries[:, 0], n)
+        else:
+            found = multi_interest_retrieve(queries, index, n)
+            scores, ids = found.scores, found.ids
+        results = []
+        for row in range(len(queries)):
+            keep = (ids[row] > 0) & ~np.isin(ids[row], skip[row])
+            results.append((ids[row][keep][:k], scores[row][keep][:k].astype(np.float32)))
+        return results
+
+    def similar(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` items most similar to item index ``item`` (itself and OOV left out): raw ids and scores."""
+        if self.uses_index:
+            index = self._item_index()
+            scores, ids = index.search(index.vectors_of(np.array([item])), min(len(index), k + 1))
+            keep = (ids[0] > 0) & (ids[0] != item)
+            items, values = ids[0][keep][:k], scores[0][keep][:k]
+        else:
+            scores = self.similar_scores(np.array([item])).double()[0]
+            scores[[0, item]] = -torch.inf
+            values, items = scores.topk(min(k, len(scores)))
+            kept = torch.isfinite(values)
+            items, values = items[kept].numpy(), values[kept].float().numpy()
+        return (self.items.raw(items) if len(items) else items), values.astype(np.float32)
+
+
+class VectorRecommender(Recommender):
+    """MF and ALS: fixed user and item vectors, score = inner product."""
+
+    def __init__(self, package: Package, users: torch.Tensor, items: torch.Tensor, index: str = "Flat"):
+        super().__init__(package, index)
+        self.user_matrix, self.item_matrix = users.float(), items.float()
+
+    def queries(self, users: torch.Tensor) -> torch.Tensor:
+        return self.user_matrix[users.long()].unsqueeze(1)
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_matrix
+
+
+class NBMFRecommender(VectorRecommender):
+    """NBMF: non-negative user weights W and bit-packed binary item codes H; score w_u . h_i over every item."""
+
+    family, uses_index = "nbmf", False
+
+    def __init__(self, package: Package, index: str = "Flat"):
+        model = package.section("model")
+        codes = unpack_codes(model["item_codes"], package.meta["build"]["factors"], torch.float32)
+        super().__init__(package, model["user_factors"], codes, index)
+
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        return self.user_matrix[users.long()] @ self.item_matrix.T
+
+
+class ComiRecRecommender(Recommender):
+    """ComiRec: K interests extracted from the user's last ``max_length`` items; score max_k v_k . e_i."""
+
+    family = "comirec"
+
+    def __init__(self, package: Package, tables: str = "float", index: str = "Flat"):
+        super().__init__(package, index)
+        build = package.meta["build"]
+        settings = from_config(build["settings"])
+        stats = stats_from(package, {ITEM: "item"}, {ITEM: self.n_items})
+        self.max_length = build["max_length"]
+        embeddings = CompressedEmbeddings(multi_interest_specs(self.n_items, build["dim"]), settings, stats)
+        self.model = MultiInterest(embeddings, from_config(build["extractor"]).build(build["dim"], self.max_length))
+        self.model.load_state_dict(package.section("model"))
+        self.model.eval()
+        if tables != "float":
+            self.model.embeddings = quantize_tables(self.model.embeddings, tables)
+        with torch.no_grad():
+            ids = torch.arange(self.n_items)
+            self.item_matrix = self.model(jagged([ITEM], [ids]))[1][ITEM]
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_matrix
+
+    def queries(self, users: torch.Tensor) -> torch.Tensor:
+        return self.history_queries([self.history(int(u)) for u in users])
+
+    @torch.no_grad()
+    def history_queries(self, histories: list[np.ndarray]) -> torch.Tensor:
+        recent = [np.asarray(h[::-1][:self.max_length], dtype=np.int64) for h in histories]  # most recent first
+        lengths = torch.tensor([len(h) for h in recent], dtype=torch.int32)
+        values = torch.from_numpy(np.concatenate(recent)) if recent else torch.empty(0, dtype=torch.int64)
+        return self.model(KeyedJaggedTensor.from_lengths_sync([HISTORY], values, lengths))[0]
+
+
+class EASERecommender(Recommender):
+    """EASE: scores x B of the user's item set x, with B dense or pruned (stored sparse)."""
+
+    family, uses_index = "ease", False
+
+    def __init__(self, package: Package, index: str = "Flat"):
+        super().__init__(package, index)
+        model = package.section("model")
+        self.kept = model["items"].long()
+        m = len(self.kept)
+        self.position = torch.full((self.n_items,), -1, dtype=torch.long)
+        self.position[self.kept] = torch.arange(m)
+        if "item_item" in model:
+            self.b = model["item_item"].float()
+            self.bt = None
+        else:
+            self.b = None
+            self.bt = _csr(model["indptr"], model["indices"], model["values"].float(), (m, m))
+
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        return self.score_histories([self.history(int(u)) for u in users])
+
+    def score_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
+        x = torch.zeros(len(histories), len(self.kept))
+        for row, items in enumerate(histories):
+            columns = self.position[torch.as_tensor(items, dtype=torch.long)]
+            x[row, columns[columns >= 0]] = 1.0
+        kept = x @ self.b if self.b is not None else (self.bt @ x.T).T
+        scores = (kept.min(dim=1, keepdim=True).values - 1).expand(len(histories), self.n_items).contiguous()
+        return scores.index_copy_(1, self.kept, kept)
+
+    def similar_scores(self, items: np.ndarray) -> torch.Tensor:
+        """Row i of B: how much having item i raises each item's score."""
+        return self.score_histories([np.array([i]) for i in items])
+
+
+class CTRScorer:
+    """A CTR model (DLRM, DCNv2, DeepFM) from its package: click probabilities of raw rows.
+
+    Args:
+        package: the loaded package.
+        tables: ``float`` or ``int8``/``int4``/``fp16`` (TorchRec's quantized tables, FBGEMM kernels).
+    """
+
+    family = "ctr"
+
+    def __init__(self, package: Package, tables: str = "float"):
+        from recsys.training.ctr import ctr_network  # the training module: imported only for CTR packages
+
+        self.package = package
+        data, build = package.meta["data"], dict(package.meta["build"])
+        self.schema = CTRSchema(**{k: tuple(v) for k, v in data["schema"].items()})
+        self.transform, self.dense_stats = data.get("dense_transform", "none"), data.get("dense_stats")
+        self.vocabs = {f: package.vocabulary(f) for f in self.schema.sparse_features}
+        counts = {f: package.tensors[f"stats.{f}.counts"].numpy() for f in self.schema.sparse_features}
+        model, settings = from_config(build.pop("model")), from_config(build.pop("settings"))
+        self.network, embeddings, first = ctr_network(model, self.schema, data["vocab_sizes"], counts, settings, **build)
+        self.network.load_state_dict(package.section("model"))
+        self.network.eval()
+        if tables != "float":
+            self.network.embeddings = quantize_tables(embeddings, tables)
+        self.to_batch = CTRBatcher(self.schema)
+
+    @property
+    def columns(self) -> list[str]:
+        """The input columns a row needs (raw values, as in the source data)."""
+        return [*self.schema.dense, *self.schema.sparse_features]
+
+    def prepared(self, frame: pd.DataFrame) -> pa.Table:
+        """Raw rows -> the prepared layout (ids through the vocabularies, unknown -> OOV; dense transformed)."""
+        missing = [c for c in self.columns if c not in frame.columns]
+        if missing:
+            raise DataError(f"CTR rows lack columns {missing}; the model reads {self.columns}")
+        columns = {LABEL: pa.array(np.zeros(len(frame), dtype=np.int8))}
+        for name in self.schema.dense:
+            try:
+                x = pd.to_numeric(frame[name], errors="raise").to_numpy(dtype=np.float64, na_value=np.nan)
+            except (TypeError, ValueError) as error:
+                raise DataError(f"CTR column '{name}' must be numeric: {error}") from error
+            columns[name] = pa.array(transform_dense(x, self.transform, self.dense_stats and self.dense_stats[name]))
+        for name in self.schema.sparse:
+            vocab = self.vocabs[name]
+            columns[name] = pa.array(vocab.lookup(_like(frame[name].tolist(), vocab.ids)))
+        for name in self.schema.multi_valued:
+            vocab, cells = self.vocabs[name], frame[name].tolist()
+            if not all(isinstance(c, (list, tuple, np.ndarray)) for c in cells):
+                raise DataError(f"CTR column '{name}' is multi-valued: every cell must be a list of ids")
+            lengths = np.array([len(c) for c in cells], dtype=np.int32)
+            flat = vocab.lookup(_like([v for c in cells for v in c], vocab.ids)) if lengths.sum() else np.empty(0, np.int64)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            columns[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int64()))
+        return pa.table(columns, schema=self.schema.prepared())
+
+    @torch.no_grad()
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """(B,) click probabilities of raw rows."""
+        batch = self.to_batch(self.prepared(frame))
+        return torch.sigmoid(self.network(batch.sparse, batch.dense)).float().numpy()
+
+
+def _like(values, ids: np.ndarray):
+    """Raw ids in the vocabulary's type: integer vocabularies take digit strings, string ones take numbers."""
+    values = list(values) if not isinstance(values, (list, np.ndarray)) else values
+    if ids.dtype.kind in "iu":
+        return [int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v for v in values]
+    if ids.dtype.kind in "OU":
+        return [str(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v for v in values]
+    return values
+
+
+def _mf(package: Package, tables: str, index: str) -> Recommender:
+    build = package.meta["build"]
+    users, items = package.vocabulary(USER), package.vocabulary(ITEM)
+    stats = stats_from(package, {USER: "user", ITEM: "item"}, {USER: len(users), ITEM: len(items)})
+    model = MatrixFactorization(CompressedEmbeddings(mf_specs(len(users), len(items), build["dim"]),
+                                                     from_config(build["settings"]), stats))
+    model.load_state_dict(package.section("model"))
+    model.eval()
+    if tables != "float":
+        model.embeddings = quantize_tables(model.embeddings, tables)
+    with torch.no_grad():
+        vectors = {f: model(jagged([f], [torch.arange(n)]))[f] for f, n in ((USER, len(users)), (ITEM, len(items)))}
+    recommender = VectorRecommender(package, vectors[USER], vectors[ITEM], index)
+    recommender.family, recommender.model = "mf", model
+    return recommender
+
+
+def _als(package: Package, tables: str, index: str) -> Recommender:
+    model = package.section("model")
+    recommender = VectorRecommender(package, model["user_factors"], model["item_factors"], index)
+    recommender.family = "als"
+    return recommender
+
+
+def _table_free(cls):
+    def build(package: Package, tables: str, index: str):
+        if tables != "float":
+            raise ConfigError(f"{package.family} has no embedding tables to quantize; use tables=float")
+        return cls(package, index=index)
+    return build
+
+
+LOADERS = {"mf": _mf, "als": _als, "nbmf": _table_free(NBMFRecommender), "ease": _table_free(EASERecommender),
+           "comirec": lambda p, tables, index: ComiRecRecommender(p, tables, index),
+           "ctr": lambda p, tables, index: CTRScorer(p, tables)}
+
+
+def load(source: str | Path | Package, tables: str = "float", index: str = "Flat") -> Recommender | CTRScorer:
+    """The model of a package directory (or a loaded Package).
+
+    Args:
+        source: a package directory or Package.
+        tables: ``float`` (as trained) or ``int8``/``int4``/``fp16``: the embedding tables quantized with
+            TorchRec's quantized modules (models with tables: MF, ComiRec, CTR).
+        index: FAISS ``index_factory`` string of vector models' item index (``Flat``, ``HNSW32``, ``IVF256,Flat``,
+            ``IVF256,PQ16``...).
+    """
+    package = source if isinstance(source, Package) else Package.load(source)
+    return LOADERS[package.family](package, tables, index)

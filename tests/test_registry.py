@@ -1,0 +1,196 @@
+"""Model packages (JSON + safetensors) of every family, the pyfunc in a fresh process, registry and promotion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from recsys.data.batching import CTRBatcher
+from recsys.errors import ConfigError
+from recsys.inference.export import package_model, serving_export
+from recsys.inference.package import META, VOCAB, WEIGHTS, Package
+from recsys.inference.scorers import load
+from recsys.tracking.registry import PROMOTIONS, promote, register
+from tests.conftest import ROOT, TINY_CTR, TINY_TRAIN, raw_ctr_rows, train_registered
+
+pytestmark = pytest.mark.integration
+
+RANKING = {
+    "mf": ["model=mf_bpr", "model.dim=16"],
+    "mf_frequency_hashing": ["model=mf_bpr", "model.dim=16", "embedding=frequency_hashing"],
+    "mf_mixed_dim": ["model=mf_bpr", "model.dim=16", "embedding=mixed_dim", "embedding.default.budget=0.5"],
+    "mf_quotient_remainder": ["model=mf_bpr", "model.dim=16", "embedding=quotient_remainder"],
+    "mf_vq": ["model=mf_bpr", "model.dim=16", "embedding=vq_e2e"],
+    "als": ["model=als", "model.factors=8"],
+    "ease": ["model=ease", "model.regularization=50"],
+    "ease_pruned": ["model=ease", "model.prune_top_k=8"],
+    "nbmf": ["model=nbmf", "model.factors=8"],
+    "comirec_sa": ["model=comirec_sa", "model.dim=16"],
+    "comirec_dr": ["model=comirec_dr", "model.dim=16"],
+}
+CTR = {"dlrm": ["model=dlrm"], "deepfm_hashing": ["model=deepfm", "embedding=hashing"],
+       "dcnv2_qr": ["model=dcnv2", "embedding=quotient_remainder"]}
+
+
+def _trained(tmp_path, *overrides):
+    from pipelines.train import train
+
+    return train(f"paths.root={tmp_path}", "trainer.epochs=1", "log_model=false", *overrides)["model"]
+
+
+def _no_pickles(directory):
+    """No file of the package is a pickle (or a zip-wrapped torch.save)."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            head = path.read_bytes()[:2]
+            assert head != b"\x80\x04" and head != b"\x80\x05" and not zipfile.is_zipfile(path), path
+
+
+@pytest.mark.parametrize("name", sorted(RANKING))
+def test_ranking_families_score_the_same_after_a_round_trip(name, tmp_path):
+    model = _trained(tmp_path, *TINY_TRAIN, *RANKING[name])
+    directory = package_model(model, model.data, metrics={"recall@20": 0.5}).save(tmp_path / "package")
+    assert sorted(p.name for p in directory.iterdir()) == sorted([META, VOCAB, WEIGHTS])
+    _no_pickles(directory)
+    meta = json.loads((directory / META).read_text())
+    assert meta["family"] == name.split("_")[0]
+    assert len(load_file(str(directory / WEIGHTS))) > 0 and meta["metrics"] == {"recall@20": 0.5}
+    recommender = load(directory)
+    users = torch.arange(1, model.data.n_users)
+    expected, got = model.score_users(users).float(), recommender.score_users(users).float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # top-k by the package == brute force over the trained scores with the seen items masked
+    seen = model.data.matrix("train")
+    for user in (1, 7, 42):
+        scores = expected[user - 1].clone()
+        scores[0] = -torch.inf
+        scores[seen[user].indices] = -torch.inf
+        top = recommender.recommend(np.array([user]), 10)[0]
+        assert top.source == "model"  # the same top-10 scores (hashed tables tie: items may swap among equals)
+        np.testing.assert_allclose(top.scores, scores.topk(10).values.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(scores[recommender.item_index(top.items)].numpy(), top.scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CTR))
+def test_ctr_families_score_raw_rows_like_the_trained_model(name, tmp_path):
+    model = _trained(tmp_path, *TINY_CTR, *CTR[name])
+    directory = package_model(model, model.data).save(tmp_path / "package")
+    _no_pickles(directory)
+    frame, prepared = raw_ctr_rows(model.data, "test", 200)
+    expected = model.predict(CTRBatcher(model.data.ctr_schema)(prepared)).numpy()
+    np.testing.assert_allclose(load(directory).predict(frame), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_tables_stay_close_to_the_float_model(tmp_path):
+    model = _trained(tmp_path, *TINY_TRAIN, *RANKING["mf"])
+    package = package_model(model, model.data)
+    users = torch.arange(1, 50)
+    full = load(package).score_users(users)
+    int8, int4 = load(package, tables="int8").score_users(users), load(package, tables="int4").score_users(users)
+    scale = full.abs().max()
+    assert 0 < (int8 - full).abs().max() < 0.02 * scale < (int4 - full).abs().max() < 0.2 * scale
+    sizes = serving_export(package, tmp_path / "serving")
+    rows, dim = model.data.n_users + model.data.n_items, 16  # FBGEMM rows: D codes + fp16 scale and bias
+    assert sum(model.memory().values()) == rows * dim * 4
+    assert sizes["tables_int8"] == rows * (dim + 4) and sizes["tables_int4"] == rows * (dim // 2 + 4)
+    vectors = load_file(str(tmp_path / "serving" / "items.safetensors"))
+    torch.testing.assert_close(vectors["item_vectors"], load(package).item_vectors())
+
+
+def test_package_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="not a model package"):
+        Package.load(tmp_path)
+    with pytest.raises(ConfigError, match="family must be one of"):
+        Package("svd", {}, {})
+
+
+def test_registered_model_loads_by_alias_in_a_fresh_process(registered_mf, registered_ctr, tmp_path):
+    """models:/<name>@champion through mlflow.pyfunc.load_model in a new interpreter scores like the trained model."""
+    mf, ctr = registered_mf, registered_ctr
+    frame, prepared = raw_ctr_rows(ctr["model"].data, "test", 100)
+    frame.to_parquet(tmp_path / "rows.parquet")
+    users = mf["model"].data.vocab("user").ids[:20].tolist()
+    script = f"""
+import json, sys, mlflow, numpy as np, pandas as pd, torch
+mlflow.set_tracking_uri({mf['tracking_uri']!r})
+model = mlflow.pyfunc.load_model("models:/tiny-mf@champion")
+top = model.predict(pd.DataFrame({{"user_id": {users!r}}}), params={{"k": 5}})
+inner = model.unwrap_python_model().model
+scores = inner.score_users(torch.as_tensor(inner.user_index({users!r}))).numpy()
+mlflow.set_tracking_uri({ctr['tracking_uri']!r})
+ctr = mlflow.pyfunc.load_model("models:/tiny-dlrm@champion")
+probabilities = ctr.predict(pd.read_parquet({str(tmp_path / 'rows.parquet')!r}))["probability"].tolist()
+np.save({str(tmp_path / 'scores.npy')!r}, scores)
+json.dump({{"items": top["items"].tolist(), "probabilities": probabilities}}, open({str(tmp_path / 'out.json')!r}, "w"))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    trained = mf["model"]
+    indices = torch.as_tensor(trained.data.vocab("user").lookup(users))
+    expected = trained.score_users(indices).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), expected, rtol=1e-5, atol=1e-6)
+    seen = trained.data.matrix("train")
+    for row, index in enumerate(indices.tolist()):
+        scores = expected[row].copy()
+        scores[0] = -np.inf
+        scores[seen[index].indices] = -np.inf
+        best = np.argsort(-scores, kind="stable")[:5]
+        assert out["items"][row] == trained.data.vocab("item").raw(best).tolist()
+    probabilities = ctr["model"].predict(CTRBatcher(ctr["model"].data.ctr_schema)(prepared)).numpy()
+    np.testing.assert_allclose(out["probabilities"], probabilities, rtol=1e-5, atol=1e-6)
+
+
+def test_promotion_gate_moves_the_alias_only_for_a_better_candidate(tmp_path):
+    first = train_registered(tmp_path, "gate-mf", "model=mf_bpr", "model.dim=8", *TINY_TRAIN)
+    second = train_registered(tmp_path, "gate-mf", "model=mf_bpr", "model.dim=16", "trainer.epochs=2", *TINY_TRAIN)
+    client = MlflowClient(first["tracking_uri"])
+    assert first["version"] == "1" and second["version"] == "2"
+    a, b = first["metrics"]["recall@20"], second["metrics"]["recall@20"]
+    # train_registered promoted v2 iff it beat v1 on test recall@20
+    assert str(client.get_model_version_by_alias("gate-mf", "champion").version) == ("2" if b >= a else "1")
+    margin = abs(a - b) + 1.0
+    client.set_registered_model_alias("gate-mf", "champion", "1")
+    held = promote("gate-mf", "2", "test_recall@20", min_delta=margin, tracking_uri=first["tracking_uri"])
+    assert not held.promoted and str(client.get_model_version_by_alias("gate-mf", "champion").version) == "1"
+    assert held.champion == pytest.approx(a) and held.candidate == pytest.approx(b) and "< " in held.reason
+    assert client.get_model_version("gate-mf", "2").tags["promotion.promoted"] == "False"
+    passed = promote("gate-mf", "2", "test_recall@20", min_delta=-margin, tracking_uri=first["tracking_uri"])
+    assert passed.promoted and str(client.get_model_version_by_alias("gate-mf", "champion").version) == "2"
+    runs = client.search_runs([client.get_experiment_by_name(PROMOTIONS).experiment_id])
+    assert {r.data.tags["promoted"] for r in runs} == {"True", "False"}
+    assert any(r.data.metrics.get("champion") == pytest.approx(a) for r in runs)
+    with pytest.raises(ConfigError, match="has no metric 'test_nope'"):
+        promote("gate-mf", "1", "test_nope", tracking_uri=first["tracking_uri"])
+    with pytest.raises(ConfigError, match="no registered model named 'absent'"):
+        promote("absent", tracking_uri=first["tracking_uri"])
+
+
+def test_register_refuses_a_run_without_a_model(tmp_path):
+    from pipelines.train import train
+
+    result = train(f"paths.root={tmp_path}", "trainer.epochs=1", "log_model=false", "model=als", "model.factors=4",
+                   *TINY_TRAIN)
+    with pytest.raises(ConfigError, match="logged no model named 'model'"):
+        register(result["run_id"], "nothing", result["tracking_uri"])
+
+
+def test_register_and_promote_commands(registered_mf):
+    """python -m pipelines.register (the newest run) then python -m pipelines.promote, on the fixture's store."""
+    root = registered_mf["root"]
+    common = [f"paths.root={root}", "name=cli-mf"]
+    for module in ("pipelines.register", "pipelines.promote"):
+        done = subprocess.run([sys.executable, "-m", module, *common], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(registered_mf["tracking_uri"])
+    champion = client.get_model_version_by_alias("cli-mf", "champion")
+    assert champion.run_id == registered_mf["run_id"] and champion.tags["promotion.reason"] == "no champion yet"
