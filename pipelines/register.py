@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 import hydra
-import mlflow
+from mlflow.tracking import MlflowClient
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -20,14 +20,14 @@ log = logging.getLogger("pipelines.register")
 
 def latest_run(tracker) -> str:
     """The newest finished run of ``tracker.experiment`` with a logged model."""
-    mlflow.set_tracking_uri(tracker.uri)
-    experiment = mlflow.get_experiment_by_name(tracker.experiment)
+    client = MlflowClient(tracker.uri)
+    experiment = client.get_experiment_by_name(tracker.experiment)
     if experiment is None:
         raise ConfigError(f"no experiment '{tracker.experiment}' in {tracker.uri}; train a model first")
-    models = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list",
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id],
                                          order_by=[{"field_name": "creation_time", "ascending": False}])
     for model in models:
-        if model.source_run_id and mlflow.get_run(model.source_run_id).info.status == "FINISHED":
+        if model.source_run_id and client.get_run(model.source_run_id).info.status == "FINISHED":
             return model.source_run_id
     raise ConfigError(f"experiment '{tracker.experiment}' in {tracker.uri} has no finished run with a logged model")
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import mlflow
+from mlflow.tracking import MlflowClient
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -33,10 +34,11 @@ QUIET = dict(progress=False)
 
 def package_dir(registered: dict) -> Path:
     """The package of a registered champion, downloaded independently of the code under test."""
-    root = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered['name']}@champion",
-                                               tracking_uri=registered["tracking_uri"],
-                                               registry_uri=registered["tracking_uri"])
-    return Path(root) / "artifacts" / "package"
+    client = MlflowClient(registered["tracking_uri"], registry_uri=registered["tracking_uri"])
+    version = client.get_model_version_by_alias(registered["name"], "champion").version
+    source = client.get_model_version_download_uri(registered["name"], version)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/artifacts/package",
+                                                    tracking_uri=registered["tracking_uri"]))
 
 
 def write_files(table: pa.Table, directory: Path, files: int) -> Path:

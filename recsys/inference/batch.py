@@ -36,10 +36,8 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -51,9 +49,9 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from recsys.errors import ConfigError, DataError
-from recsys.inference.package import META, VOCAB, WEIGHTS
 from recsys.inference.predict import HISTORY_ID, USER_ID, predict_frame
 from recsys.inference.scorers import CTRScorer, Recommender, load
+from recsys.tracking.registry import fetched_package
 
 log = logging.getLogger(__name__)
 
@@ -109,72 +107,10 @@ class BatchSettings:
 # ---------------------------------------------------------------------------------------------------- the model
 def load_model(model: str | Path, tracking_uri: str | None = None, tables: str = "float", index: str = "Flat",
                quiet: bool = False) -> tuple[Recommender | CTRScorer, str]:
-    """The scorer of a package directory or an MLflow model URI, and the sha256 of its package files.
-
-    Args:
-        model: a package directory (``meta.json``, ``vocab.json``, ``weights.safetensors``), a downloaded pyfunc
-            model directory, or an MLflow URI (``models:/<name>@champion``, ``models:/<name>/<version>``,
-            ``models:/m-<id>``, ``runs:/<run_id>/model``).
-        tracking_uri: the MLflow tracking (and registry) URI of a model URI.
-        tables: see :class:`BatchSettings`.
-        index: see :class:`BatchSettings`.
-        quiet: hide MLflow's download progress bar.
-    """
-    local = Path(str(model)).expanduser()
-    if local.is_dir():
-        package = _package_dir(local, str(model))
-        return load(package, tables, index), package_digest(package)
-    if ":/" not in str(model):
-        raise ConfigError(f"model {str(model)!r} is neither a package directory nor an MLflow model URI "
-                          "(models:/<name>@champion, models:/<name>/<version>, models:/m-<id>, runs:/<run_id>/model)")
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve through the global registry URI
-    with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp, _progress_bars(not quiet):
-        try:
-            root = mlflow.artifacts.download_artifacts(artifact_uri=str(model), dst_path=tmp, tracking_uri=tracking_uri,
-                                                       registry_uri=tracking_uri)
-        except MlflowException as error:
-            where = tracking_uri or mlflow.get_tracking_uri()
-            raise ConfigError(f"model {model}: cannot download it from tracking URI {where}: {error.message}") from error
-        package = _package_dir(Path(root), str(model))
-        return load(package, tables, index), package_digest(package)
-
-
-@contextmanager
-def _progress_bars(shown: bool) -> Iterator[None]:
-    """MLflow's artifact progress bars shown or hidden (its ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``) meanwhile."""
-    name, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    if not shown:
-        os.environ[name] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
-
-
-def _package_dir(root: Path, what: str) -> Path:
-    for candidate in (root, root / "artifacts" / "package"):
-        if (candidate / META).is_file():
-            return candidate
-    raise ConfigError(f"model {what}: {root} is neither a model package ({META}, {VOCAB}, {WEIGHTS}) nor a recsys "
-                      "pyfunc model (artifacts/package)")
-
-
-def package_digest(package_dir: Path) -> str:
-    """sha256 of a package's files: two runs score with the same model exactly when their digests agree."""
-    digest = hashlib.sha256()
-    for name in (META, VOCAB, WEIGHTS):
-        digest.update(name.encode())
-        with open(package_dir / name, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """The scorer of a package directory or an MLflow model URI (``recsys.tracking.registry.fetched_package``) and
+    the sha256 of its package files."""
+    with fetched_package(model, tracking_uri, quiet) as fetched:
+        return load(fetched.directory, tables, index), fetched.digest
 
 
 # ---------------------------------------------------------------------------------------------------- the input

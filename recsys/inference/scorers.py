@@ -12,6 +12,7 @@ by default, any ``index_factory`` string); EASE and NBMF score every item with t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torchrec import KeyedJaggedTensor
 from recsys.data.batching import CTRBatcher, jagged
 from recsys.data.prepare import transform_dense
 from recsys.data.schemas import ITEM, LABEL, USER, CTRSchema
+from recsys.data.vocab import Vocabulary
 from recsys.embeddings.collection import CompressedEmbeddings
 from recsys.embeddings.serving_quantization import quantize_tables
 from recsys.errors import ConfigError, DataError
@@ -72,11 +74,11 @@ class Recommender:
     # ------------------------------------------------------------------ ids
     def user_index(self, raw) -> np.ndarray:
         """Raw user ids -> indices, -1 for users the model has not seen."""
-        return self.users.lookup(_like(raw, self.users.ids), missing="negative")
+        return lookup(self.users, raw, missing="negative")
 
     def item_index(self, raw) -> np.ndarray:
         """Raw item ids -> indices, -1 for unknown items."""
-        return self.items.lookup(_like(raw, self.items.ids), missing="negative")
+        return lookup(self.items, raw, missing="negative")
 
     def history(self, user: int) -> np.ndarray:
         """A known user's training items in time order (item indices)."""
@@ -364,13 +366,13 @@ class CTRScorer:
             columns[name] = pa.array(transform_dense(x, self.transform, self.dense_stats and self.dense_stats[name]))
         for name in self.schema.sparse:
             vocab = self.vocabs[name]
-            columns[name] = pa.array(vocab.lookup(_like(frame[name].tolist(), vocab.ids)))
+            columns[name] = pa.array(lookup(vocab, frame[name].tolist()))
         for name in self.schema.multi_valued:
             vocab, cells = self.vocabs[name], frame[name].tolist()
             if not all(isinstance(c, (list, tuple, np.ndarray)) for c in cells):
                 raise DataError(f"CTR column '{name}' is multi-valued: every cell must be a list of ids")
             lengths = np.array([len(c) for c in cells], dtype=np.int32)
-            flat = vocab.lookup(_like([v for c in cells for v in c], vocab.ids)) if lengths.sum() else np.empty(0, np.int64)
+            flat = lookup(vocab, [v for c in cells for v in c])
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
             columns[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int64()))
         return pa.table(columns, schema=self.schema.prepared())
@@ -382,14 +384,49 @@ class CTRScorer:
         return torch.sigmoid(self.network(batch.sparse, batch.dense)).float().numpy()
 
 
-def _like(values, ids: np.ndarray):
-    """Raw ids in the vocabulary's type: integer vocabularies take digit strings, string ones take numbers."""
-    values = list(values) if not isinstance(values, (list, np.ndarray)) else values
-    if ids.dtype.kind in "iu":
-        return [int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v for v in values]
-    if ids.dtype.kind in "OU":
-        return [str(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v for v in values]
-    return values
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
+_INT64 = 2**63
+
+
+def comparable(values, ids: np.ndarray) -> list:
+    """Raw ids in the type of a vocabulary's ``ids``; ids that cannot be in it become None (unknown, so OOV).
+
+    Integer vocabularies take ints, integral floats and decimal strings within int64; string vocabularies take
+    strings and ints.
+
+    Example:
+        >>> comparable([5, "7", "x", "²", True, 2.0], np.array([1, 2]))
+        [5, 7, None, None, None, 2]
+    """
+    integer = ids.dtype.kind in "iu"
+    out = []
+    for v in values:
+        if isinstance(v, (bool, np.bool_)) or v is None:
+            out.append(None)
+        elif integer and isinstance(v, (int, np.integer)):
+            out.append(int(v) if -_INT64 <= v < _INT64 else None)
+        elif integer and isinstance(v, (float, np.floating)):
+            out.append(int(v) if float(v).is_integer() and -_INT64 <= v < _INT64 else None)
+        elif integer and isinstance(v, str):
+            out.append(int(v) if _INTEGER.fullmatch(v) and -_INT64 <= int(v) < _INT64 else None)
+        elif not integer and isinstance(v, (str, int, np.integer)):
+            out.append(str(v))
+        else:
+            out.append(None)
+    return out
+
+
+def lookup(vocab: Vocabulary, raw, missing: str = "oov") -> np.ndarray:
+    """Raw ids -> indices of ``vocab`` (unknown ids: OOV 0, or -1 with ``missing="negative"``), ids compared in
+    the vocabulary's own type (no float round trip for large integer ids)."""
+    values = comparable(raw, vocab.ids)
+    out = np.full(len(values), -1 if missing == "negative" else 0, dtype=np.int64)
+    known = [i for i, v in enumerate(values) if v is not None]
+    if known:
+        picked = [values[i] for i in known]
+        out[known] = vocab.lookup(np.array(picked, dtype=vocab.ids.dtype if vocab.ids.dtype.kind in "iu" else object),
+                                  missing=missing)
+    return out
 
 
 def _mf(package: Package, tables: str, index: str) -> Recommender:

@@ -5,11 +5,16 @@ Aliases only (no stages): ``models:/<name>@champion`` is what batch scoring and 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import pandas as pd
@@ -18,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from recsys.errors import ConfigError
 from recsys.inference.export import serving_export
-from recsys.inference.package import Package
+from recsys.inference.package import META, VOCAB, WEIGHTS, Package
 from recsys.inference.predict import predict_frame
 from recsys.inference.scorers import CTRScorer, load
 from recsys.tracking.mlflow_run import metric_name
@@ -28,6 +33,8 @@ LIBRARY = Path(__file__).resolve().parents[1]  # the recsys package, shipped wit
 MODEL_ARTIFACT = "model"
 CHAMPION = "champion"
 PROMOTIONS = "model-promotions"  # the experiment recording every promotion decision
+PACKAGE = "artifacts/package"  # the package directory inside a logged pyfunc model
+REGISTERED = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
 REQUIREMENTS = ["torch==2.13.0", "fbgemm-gpu-cpu==1.8.0", "torchrec==1.8.0", "mlflow", "pandas", "pyarrow", "numpy",
                 "scipy", "safetensors", "faiss-cpu", "hydra-core", "tensordict", "torchmetrics==1.0.3", "iopath",
                 "pyre-extensions"]
@@ -64,16 +71,29 @@ def log_package(package: Package, name: str = MODEL_ARTIFACT) -> dict:
 
 def register(run_id: str, name: str, tracking_uri: str | None = None, artifact: str = MODEL_ARTIFACT) -> str:
     """Registers the pyfunc model of run ``run_id`` as a new version of ``name``; returns the version."""
-    if tracking_uri:
+    if tracking_uri:  # the registry finds the logged model's artifacts through the current tracking store
         mlflow.set_tracking_uri(tracking_uri)
-    run = MlflowClient().get_run(run_id)  # raises a clear MlflowException for an unknown run
-    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+    client = _client(tracking_uri)
+    run = client.get_run(run_id)  # raises a clear MlflowException for an unknown run
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run_id}' AND name = '{artifact}'")
     if not logged:
         raise ConfigError(f"run {run_id} logged no model named '{artifact}' (trained with log_model=false?)")
-    version = mlflow.register_model(logged[-1].model_uri, name, tags={"model": run.data.tags.get("model", ""),
-                                                                       "run_id": run_id})
+    model = logged[-1]
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=f"models:/{model.model_id}", run_id=run_id,
+                                          model_id=model.model_id,
+                                          tags={"model": run.data.tags.get("model", ""), "run_id": run_id})
     return str(version.version)
+
+
+def _client(tracking_uri: str | None) -> MlflowClient:
+    """A client of ``tracking_uri`` for runs *and* the registry (None: MLflow's current URIs); no global state."""
+    return MlflowClient(tracking_uri, registry_uri=tracking_uri) if tracking_uri else MlflowClient()
 
 
 @dataclass
@@ -97,9 +117,7 @@ def promote(name: str, version: str | None = None, metric: str = "test_recall_at
     The comparison is recorded as tags of the version and as a run of the ``model-promotions`` experiment."""
     if mode not in ("max", "min"):
         raise ConfigError(f"promote: mode must be 'max' or 'min', got {mode!r}")
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    client, metric = MlflowClient(), metric_name(metric)
+    client, metric = _client(tracking_uri), metric_name(metric)
     versions = client.search_model_versions(f"name='{name}'")
     if not versions:
         raise ConfigError(f"no registered model named '{name}'; register one first (python -m pipelines.register)")
@@ -146,9 +164,98 @@ def _record(client: MlflowClient, outcome: Promotion, alias: str, run_id: str) -
         experiment_id = client.create_experiment(PROMOTIONS, artifact_location=location)
     else:
         experiment_id = found.experiment_id
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{outcome.name}-v{outcome.version}"):
-        mlflow.set_tags({"model_name": outcome.name, "version": outcome.version, "alias": alias,
-                         "promoted": str(outcome.promoted), "reason": outcome.reason})
-        mlflow.log_metrics({"candidate": outcome.candidate, "promoted": float(outcome.promoted),
-                            **({"champion": outcome.champion} if outcome.champion is not None else {})})
-        mlflow.log_text(json.dumps(asdict(outcome), indent=1), "promotion.json")
+    tags = {"model_name": outcome.name, "version": outcome.version, "alias": alias, "promoted": str(outcome.promoted),
+            "reason": outcome.reason}
+    run = client.create_run(experiment_id, run_name=f"{outcome.name}-v{outcome.version}", tags=tags)
+    values = {"candidate": outcome.candidate, "promoted": float(outcome.promoted),
+              **({"champion": outcome.champion} if outcome.champion is not None else {})}
+    for key, value in values.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.log_text(run.info.run_id, json.dumps(asdict(outcome), indent=1), "promotion.json")
+    client.set_terminated(run.info.run_id)
+
+
+@dataclass(frozen=True)
+class FetchedPackage:
+    """A package directory on local disk and what it is: the registered ``name`` and ``version`` (for other URIs and
+    directories: the URI and ``sha-<12 hex>`` of its metadata) and the sha256 of its files."""
+
+    directory: Path
+    name: str
+    version: str
+    digest: str
+
+
+@contextmanager
+def fetched_package(uri: str | Path, tracking_uri: str | None = None, quiet: bool = False) -> Iterator[FetchedPackage]:
+    """The package of ``uri`` on local disk while the context is open (downloads are removed after it).
+
+    ``uri``: a package directory, a downloaded pyfunc model directory, ``models:/<name>@<alias>`` or
+    ``models:/<name>/<version>`` (the alias is resolved to a version first, and exactly that version is downloaded,
+    so the version reported is the one loaded even when the alias moves meanwhile), or any other MLflow model URI
+    (``models:/m-<id>``, ``runs:/<run_id>/model``). ``quiet`` hides MLflow's download progress bar.
+    """
+    local = Path(str(uri)).expanduser()
+    if local.is_dir():
+        directory = _package_dir(local, str(uri))
+        digest = package_digest(directory)
+        yield FetchedPackage(directory, local.name, f"sha-{digest[:12]}", digest)
+        return
+    if ":/" not in str(uri):
+        raise ConfigError(f"model {str(uri)!r} is neither a package directory nor an MLflow model URI "
+                          "(models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, runs:/<run_id>/model)")
+    client = _client(tracking_uri)
+    where = tracking_uri or mlflow.get_tracking_uri()
+    name, version, source = str(uri), None, str(uri)
+    if match := REGISTERED.fullmatch(str(uri)):
+        name = match["name"]
+        try:
+            found = client.get_model_version_by_alias(name, match["alias"]) if match["alias"] else \
+                client.get_model_version(name, match["version"])
+        except mlflow.exceptions.MlflowException as error:
+            raise ConfigError(f"{uri}: not found in the registry at {where}: {error.message}") from error
+        version = str(found.version)
+        source = f"{client.get_model_version_download_uri(name, version).rstrip('/')}/{PACKAGE}"
+    with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp, _progress_bar(not quiet):
+        try:
+            root = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
+        except (mlflow.exceptions.MlflowException, OSError) as error:
+            raise ConfigError(f"model {uri}: cannot download {source} from {where}: {error}") from error
+        directory = _package_dir(Path(root), str(uri))
+        digest = package_digest(directory)
+        yield FetchedPackage(directory, name, version or f"sha-{digest[:12]}", digest)
+
+
+def _package_dir(root: Path, what: str) -> Path:
+    for candidate in (root, root / "artifacts" / "package"):
+        if (candidate / META).is_file():
+            return candidate
+    raise ConfigError(f"model {what}: {root} is neither a model package ({META}, {VOCAB}, {WEIGHTS}) nor a recsys "
+                      "pyfunc model (artifacts/package)")
+
+
+def package_digest(directory: Path) -> str:
+    """sha256 of a package's files: two packages score alike exactly when their digests agree."""
+    digest = hashlib.sha256()
+    for name in (META, VOCAB, WEIGHTS):
+        digest.update(name.encode())
+        with open(directory / name, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def _progress_bar(shown: bool) -> Iterator[None]:
+    """MLflow's artifact progress bar shown or hidden meanwhile (``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``)."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    if not shown:
+        os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
