@@ -192,18 +192,32 @@ class Recommender:
         return [(items[r][kept[r]].numpy(), values[r][kept[r]].float().numpy()) for r in range(len(users))]
 
     def _search(self, queries: np.ndarray, k: int, skip: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Top-``k`` of each query outside its ``skip`` items. A row is exact once ``k + len(skip)`` candidates are
+        searched; the batch searches enough for 90% of its rows, and the rest (heavy users) again with their own."""
         index = self._item_index()
-        n = min(len(index), k + max(len(s) for s in skip))
-        if queries.shape[1] == 1:
-            scores, ids = index.search(queries[:, 0], n)
-        else:
-            found = multi_interest_retrieve(queries, index, n)
-            scores, ids = found.scores, found.ids
-        results = []
-        for row in range(len(queries)):
-            keep = (ids[row] > 0) & ~np.isin(ids[row], skip[row])
-            results.append((ids[row][keep][:k], scores[row][keep][:k].astype(np.float32)))
+        needed = np.minimum(len(index), k + np.array([len(s) for s in skip]))
+        results: list = [None] * len(queries)
+        rows = np.arange(len(queries))
+        n = int(min(needed.max(), max(k, np.percentile(needed, 90))))
+        while len(rows):
+            scores, ids = self._candidates(queries[rows], index, n)
+            short = []
+            for position, row in enumerate(rows):
+                keep = (ids[position] > 0) & ~np.isin(ids[position], skip[row])
+                if keep.sum() < k and n < needed[row]:
+                    short.append(row)  # its skip items filled the candidates: search it deeper
+                    continue
+                results[row] = (ids[position][keep][:k], scores[position][keep][:k].astype(np.float32))
+            rows = np.array(short, dtype=np.int64)
+            n = int(needed[rows].max()) if len(rows) else n
         return results
+
+    @staticmethod
+    def _candidates(queries: np.ndarray, index: ItemIndex, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if queries.shape[1] == 1:
+            return index.search(queries[:, 0], n)
+        found = multi_interest_retrieve(queries, index, n)
+        return found.scores, found.ids
 
     def similar(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` items most similar to item index ``item`` (itself and OOV left out): raw ids and scores."""
