@@ -11,6 +11,7 @@ from recsys.inference.scorers import CTRScorer, Recommender
 from serving.errors import NotFound
 from serving.model_source import LoadedModel
 
+
 def user_indices(model: Recommender, raw: list) -> np.ndarray:
     return model.user_index(raw) if raw else np.empty(0, dtype=np.int64)
 
