@@ -162,7 +162,7 @@ class _Ranking:
         return [USER_ID] + ([HISTORY_ID] if HISTORY_ID in names else [])
 
     def __call__(self, chunk: pa.Table) -> pa.Table:
-        found = predict_frame(self.model, chunk.to_pandas(), self.params)
+        found = predict_frame(self.model, _frame(chunk), self.params)
         items = pa.array(found["items"].tolist(), type=pa.list_(self.item_type))
         scores = pa.array(found["scores"].tolist(), type=pa.list_(pa.float32()))
         offsets = items.offsets.to_numpy()
@@ -172,6 +172,12 @@ class _Ranking:
         source = pa.array(found["source"].to_numpy(dtype=object), type=pa.string())
         return pa.table([chunk[USER_ID].take(row).cast(self.schema.field(USER_ID).type), pa.array(rank, pa.int32()),
                          items.flatten(), scores.flatten(), source.take(row)], schema=self.schema)
+
+
+def _frame(chunk: pa.Table):
+    """A chunk as pandas with integer columns holding nulls as Python ints and None (not float64, which would
+    round large ids)."""
+    return chunk.to_pandas(integer_object_nulls=True)
 
 
 class _Probabilities:
@@ -186,7 +192,7 @@ class _Probabilities:
         return self.required
 
     def __call__(self, chunk: pa.Table) -> pa.Table:
-        probability = predict_frame(self.model, chunk.select(self.model.columns).to_pandas(), {})[PROBABILITY]
+        probability = predict_frame(self.model, _frame(chunk.select(self.model.columns)), {})[PROBABILITY]
         arrays = [chunk[c].cast(self.schema.field(c).type) for c in self.keys]
         return pa.table([*arrays, pa.array(probability.to_numpy(np.float32))], schema=self.schema)
 

@@ -6,7 +6,10 @@ Input and output (one output row per input row, so ``mlflow.pyfunc.spark_udf`` c
 * ranking models: column ``user_id`` (raw ids), optional ``history`` (lists of raw item ids, used for users the
   model has not seen); params ``k`` (default 10) and ``exclude_seen`` (default true). Output columns ``items``
   (lists of raw item ids, best first), ``scores`` and ``source`` (``model``, ``history`` or ``popularity``).
-* CTR models: the raw feature columns; output column ``probability``.
+* CTR models: the raw feature columns; output column ``probability``. The signature types integer id columns
+  as ``long``, which MLflow's schema enforcement does not let hold missing values (pandas would turn them into
+  floats and round large ids): score rows with missing ids through ``pipelines.batch_score`` or ``POST /score``,
+  which take them (unknown and missing ids look up the OOV row).
 
 The model config (``mlflow.pyfunc.load_model(uri, model_config={...})``) takes ``tables`` (``float``, ``int8``,
 ``int4``: TorchRec's quantized tables) and ``index`` (a FAISS ``index_factory`` string).

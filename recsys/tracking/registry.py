@@ -63,6 +63,7 @@ def log_package(package: Package, name: str = MODEL_ARTIFACT) -> dict:
         signature = infer_signature(example, predict_frame(scorer, example, params), params=params or None)
         info = mlflow.pyfunc.log_model(name=name, python_model=str(PYFUNC_CODE), artifacts={"package": str(directory)},
                                        code_paths=[str(LIBRARY)], signature=signature, pip_requirements=REQUIREMENTS,
+                                       input_example=(example, params) if params else example,
                                        model_config={"tables": "float", "index": "Flat"})
         mlflow.log_artifacts(str(Path(tmp) / "serving"), "serving")
     mlflow.log_metrics({f"serving_bytes_{k}": v for k, v in sizes.items()} | {"package_bytes": package.bytes()})
