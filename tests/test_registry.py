@@ -17,7 +17,7 @@ from recsys.data.batching import CTRBatcher
 from recsys.errors import ConfigError
 from recsys.inference.export import package_model, serving_export
 from recsys.inference.package import META, VOCAB, WEIGHTS, Package
-from recsys.inference.scorers import load
+from recsys.inference.scorers import collections, load
 from recsys.tracking.registry import PROMOTIONS, promote, register
 from tests.conftest import ROOT, TINY_CTR, TINY_TRAIN, raw_ctr_rows, train_registered
 
@@ -92,6 +92,13 @@ def test_ctr_families_score_raw_rows_like_the_trained_model(name, tmp_path):
     frame, prepared = raw_ctr_rows(model.data, "test", 200)
     expected = model.predict(CTRBatcher(model.data.ctr_schema)(prepared)).numpy()
     np.testing.assert_allclose(load(directory).predict(frame), expected, rtol=1e-5, atol=1e-6)
+    # int8 rows through TorchRec's quantized modules: every collection (DeepFM's first-order tables too)
+    int8 = load(directory, tables="int8")
+    quantized = collections(int8.model)
+    assert set(quantized) == ({"embeddings", "first_order"} if name.startswith("deepfm") else {"embeddings"})
+    float_bytes = sum(sum(c.memory().values()) for c in collections(load(directory).model).values())
+    assert sum(sum(c.memory().values()) for c in quantized.values()) < 0.6 * float_bytes
+    np.testing.assert_allclose(int8.predict(frame), expected, atol=0.02)
 
 
 def test_quantized_tables_stay_close_to_the_float_model(tmp_path):

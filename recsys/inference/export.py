@@ -11,11 +11,10 @@ from safetensors.torch import save_file
 
 from recsys.data.dataset import PreparedData
 from recsys.data.schemas import ITEM, USER
-from recsys.embeddings.collection import CompressedEmbeddings
 from recsys.embeddings.serving_quantization import quantize_tables
 from recsys.errors import ConfigError
 from recsys.inference.package import Package, csr_tensors, vocab_ids
-from recsys.inference.scorers import CTRScorer, Recommender, load
+from recsys.inference.scorers import CTRScorer, Recommender, collections, load
 
 QUANTIZED = ("int8", "int4")
 
@@ -49,40 +48,35 @@ def package_model(model, data: PreparedData, config: dict | None = None, metrics
     return Package(family, meta, tensors, vocabs)
 
 
-def serving_export(package: Package, directory: str | Path) -> dict[str, int]:
+def serving_export(package: Package, directory: str | Path, scorer: Recommender | CTRScorer | None = None
+                   ) -> dict[str, int]:
     """Writes what a server needs to ``directory``: ``items.safetensors`` (vector models: ``item_vectors`` and
     ``user_vectors``; EASE: B; NBMF: ``item_codes`` bit-packed and ``user_factors``) and, for models with
-    embedding tables, ``tables_<int8|int4>.safetensors``: the state of the collection with its plain tables
-    quantized by TorchRec's quantized modules. Returns the bytes of each file's tensors."""
+    embedding tables, ``tables_<int8|int4>.safetensors``: the state of every collection with its plain tables
+    quantized by TorchRec's quantized modules. ``scorer``: the package already loaded (float tables). Returns the
+    bytes of each file's tensors."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    scorer = scorer or load(package)
     model = package.section("model")
     if package.family == "ease":
-        items = {k: model[k] for k in model}
+        items = dict(model)
     elif package.family == "nbmf":
         items = {"item_codes": model["item_codes"], "user_factors": model["user_factors"]}
     elif package.family == "ctr":
         items = {}
     else:
-        scorer = load(package)
         items = {"item_vectors": scorer.item_vectors()}
         if hasattr(scorer, "user_matrix"):
             items["user_vectors"] = scorer.user_matrix
     sizes = {}
     if items:
         sizes["items"] = _save(items, directory / "items.safetensors")
-    for dtype in QUANTIZED if package.family in ("mf", "comirec", "ctr") else ():
-        collections = _collections(load(package))
-        quantized = {f"{name}.{k}": v for name, c in collections.items()
-                     for k, v in quantize_tables(c, dtype).state_dict().items()}
+    tables = collections(scorer.model) if hasattr(scorer, "model") else {}
+    for dtype in QUANTIZED if tables else ():
+        quantized = {f"{name}.{k}": v for name, c in tables.items() for k, v in quantize_tables(c, dtype).state_dict().items()}
         sizes[f"tables_{dtype}"] = _save(quantized, directory / f"tables_{dtype}.safetensors")
     return sizes
-
-
-def _collections(scorer: Recommender | CTRScorer) -> dict[str, CompressedEmbeddings]:
-    if isinstance(scorer, CTRScorer):
-        return {"embeddings": scorer.network.embeddings}
-    return {"embeddings": scorer.model.embeddings} if hasattr(scorer, "model") else {}
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> int:

@@ -277,9 +277,7 @@ class ComiRecRecommender(Recommender):
         embeddings = CompressedEmbeddings(multi_interest_specs(self.n_items, build["dim"]), settings, stats)
         self.model = MultiInterest(embeddings, from_config(build["extractor"]).build(build["dim"], self.max_length))
         self.model.load_state_dict(package.section("model"))
-        self.model.eval()
-        if tables != "float":
-            self.model.embeddings = quantize_tables(self.model.embeddings, tables)
+        quantize(self.model.eval(), tables)
         with torch.no_grad():
             ids = torch.arange(self.n_items)
             self.item_matrix = self.model(jagged([ITEM], [ids]))[1][ITEM]
@@ -354,11 +352,9 @@ class CTRScorer:
         self.vocabs = {f: package.vocabulary(f) for f in self.schema.sparse_features}
         counts = {f: package.tensors[f"stats.{f}.counts"].numpy() for f in self.schema.sparse_features}
         model, settings = from_config(build.pop("model")), from_config(build.pop("settings"))
-        self.network, embeddings, first = ctr_network(model, self.schema, data["vocab_sizes"], counts, settings, **build)
-        self.network.load_state_dict(package.section("model"))
-        self.network.eval()
-        if tables != "float":
-            self.network.embeddings = quantize_tables(embeddings, tables)
+        self.model = ctr_network(model, self.schema, data["vocab_sizes"], counts, settings, **build)[0]
+        self.model.load_state_dict(package.section("model"))
+        quantize(self.model.eval(), tables)
         self.to_batch = CTRBatcher(self.schema)
 
     @property
@@ -395,7 +391,7 @@ class CTRScorer:
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """(B,) click probabilities of raw rows."""
         batch = self.to_batch(self.prepared(frame))
-        return torch.sigmoid(self.network(batch.sparse, batch.dense)).float().numpy()
+        return torch.sigmoid(self.model(batch.sparse, batch.dense)).float().numpy()
 
 
 _INTEGER = re.compile(r"-?[0-9]{1,19}")
@@ -430,6 +426,21 @@ def comparable(values, ids: np.ndarray) -> list:
     return out
 
 
+COLLECTIONS = ("embeddings", "first_order")  # where the models keep their CompressedEmbeddings
+
+
+def collections(module: torch.nn.Module) -> dict[str, CompressedEmbeddings]:
+    """The embedding collections of a model (MF, ComiRec, CTR networks; DeepFM's first-order tables included)."""
+    return {name: c for name in COLLECTIONS if isinstance(c := getattr(module, name, None), CompressedEmbeddings)}
+
+
+def quantize(module: torch.nn.Module, tables: str) -> None:
+    """Swaps a model's collections for copies with ``tables`` (int8, int4, fp16) rows; ``float`` keeps them."""
+    if tables != "float":
+        for name, collection in collections(module).items():
+            setattr(module, name, quantize_tables(collection, tables))
+
+
 def lookup(vocab: Vocabulary, raw, missing: str = "oov") -> np.ndarray:
     """Raw ids -> indices of ``vocab`` (unknown ids: OOV 0, or -1 with ``missing="negative"``), ids compared in
     the vocabulary's own type (no float round trip for large integer ids)."""
@@ -450,9 +461,7 @@ def _mf(package: Package, tables: str, index: str) -> Recommender:
     model = MatrixFactorization(CompressedEmbeddings(mf_specs(len(users), len(items), build["dim"]),
                                                      from_config(build["settings"]), stats))
     model.load_state_dict(package.section("model"))
-    model.eval()
-    if tables != "float":
-        model.embeddings = quantize_tables(model.embeddings, tables)
+    quantize(model.eval(), tables)
     with torch.no_grad():
         vectors = {f: model(jagged([f], [torch.arange(n)]))[f] for f, n in ((USER, len(users)), (ITEM, len(items)))}
     recommender = VectorRecommender(package, vectors[USER], vectors[ITEM], index)

@@ -56,8 +56,8 @@ def log_package(package: Package, name: str = MODEL_ARTIFACT) -> dict:
     (artifacts ``serving/``); returns the model URI and the bytes of the serving files."""
     with tempfile.TemporaryDirectory() as tmp:
         directory = package.save(Path(tmp) / "package")
-        sizes = serving_export(package, Path(tmp) / "serving")
         scorer = load(package)
+        sizes = serving_export(package, Path(tmp) / "serving", scorer)
         example = example_input(package, scorer)
         params = {} if isinstance(scorer, CTRScorer) else {"k": 10, "exclude_seen": True}
         signature = infer_signature(example, predict_frame(scorer, example, params), params=params or None)
