@@ -37,17 +37,14 @@ type (item ids are ``array<string>`` for string ids)::
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
+from pipelines.config import compose_run
 from recsys.inference.batch import BatchSettings, score_parquet
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def run(cfg: DictConfig) -> dict:
@@ -67,11 +64,7 @@ def batch_score(*overrides: str) -> dict:
         ...                       "progress=false")  # doctest: +SKIP
         >>> summary["rows_out"], summary["parts_written"]  # doctest: +SKIP
     """
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("batch_score", overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.cwd} resolves as on the command line
-    with open_dict(cfg):
-        del cfg["hydra"]
+    cfg = compose_run("batch_score", overrides)
     return run(cfg)
 
 

@@ -8,14 +8,12 @@ From Python: ``train("data=ml100k", "model=ease")`` does the same as the command
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from pipelines.config import compose_run
 from pipelines.prepare import ensure_prepared
 from recsys.evaluation import ClickRate, PopularityScorer
 from recsys.inference.export import package_model
@@ -24,7 +22,6 @@ from recsys.training.distributed import init_process_group, is_main, launched, m
 from recsys.training.loop import evaluate, fit
 
 log = logging.getLogger("pipelines.train")  # not __name__: that is "__main__" under `python -m`
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def build_model(cfg: DictConfig, data, trainer):
@@ -74,11 +71,7 @@ def train(*overrides: str) -> dict:
         >>> result = train("data=ml100k", "model=ease", "trainer.epochs=1")  # doctest: +SKIP
         >>> result["metrics"]["recall@20"], result["run_id"]  # doctest: +SKIP
     """
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # ${hydra:...} (run directory, override names) resolve as on the CLI
-    with open_dict(cfg):
-        del cfg["hydra"]
+    cfg = compose_run("train", overrides)
     return run(cfg)
 
 

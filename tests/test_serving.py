@@ -114,15 +114,19 @@ def mf(registered_mf, tmp_path_factory):
     return {**registered_mf, "name": NAME, "version": version, "reference": reference}
 
 
-@pytest.fixture(scope="module")
-def mf_server(mf, tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("mf_server"), f"model.uri=models:/{NAME}@champion",
-                    f"tracking.uri={mf['tracking_uri']}")
+def _running(directory, name: str, tracking_uri: str):
+    """A ready server of ``models:/<name>@champion``, stopped when the fixture ends."""
+    server = Server(directory, f"model.uri=models:/{name}@champion", f"tracking.uri={tracking_uri}")
     try:
         server.wait_ready()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def mf_server(mf, tmp_path_factory):
+    yield from _running(tmp_path_factory.mktemp("mf_server"), NAME, mf["tracking_uri"])
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +138,7 @@ def ctr(registered_ctr, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ctr_server(ctr, tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("ctr_server"), f"model.uri=models:/{ctr['name']}@champion",
-                    f"tracking.uri={ctr['tracking_uri']}")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+    yield from _running(tmp_path_factory.mktemp("ctr_server"), ctr["name"], ctr["tracking_uri"])
 
 
 def _top(scores: torch.Tensor, skip, k: int) -> tuple[np.ndarray, np.ndarray]:

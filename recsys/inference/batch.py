@@ -369,11 +369,11 @@ def _claim(out: Path, record: dict, mine: list[int], n_fragments: int, rank: int
             match = PARTITION.match(partition.name)
             if partition.is_dir() and match and (int(match[1]) in mine or (rank == 0 and int(match[1]) >= n_fragments)):
                 shutil.rmtree(partition, ignore_errors=True)
-        _write_atomic(path, _json(record), rank)
+        _publish(path, lambda t: t.write_bytes(_json(record)), rank)
         return
     found = _read_job(path)
     if found is None:
-        if _create(path, _json(record), rank):
+        if _publish(path, lambda t: t.write_bytes(_json(record)), rank, exclusive=True):
             return
         found = _read_job(path)  # another rank created it first
     lines = differences(found, record)
@@ -403,8 +403,8 @@ def _finish(out: Path, record: dict, chunks: list[int], rank: int) -> bool:
             parts[path.relative_to(out).as_posix()] = found
     counts = {"rows_in": record["input_rows"], "rows_out": sum(parts.values()), "parts": len(parts)}
     manifest = {k: record[k] for k in ("job", "model", "package_sha256", "family", "input")} | counts | {"files": parts}
-    _write_atomic(out / MANIFEST, _json(manifest), rank)
-    _write_atomic(out / SUCCESS, _json({"job": record["job"]} | counts), rank)
+    _publish(out / MANIFEST, lambda t: t.write_bytes(_json(manifest)), rank)
+    _publish(out / SUCCESS, lambda t: t.write_bytes(_json({"job": record["job"]} | counts)), rank)
     return True
 
 
@@ -421,33 +421,22 @@ def _temporary(path: Path, rank: int) -> Path:
 def _write_part(table: pa.Table, path: Path, job: str, rows_in: int, rank: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     table = table.replace_schema_metadata({JOB_KEY: job.encode(), ROWS_IN_KEY: str(rows_in).encode()})
+    _publish(path, lambda temporary: pq.write_table(table, temporary), rank)
+
+
+def _publish(path: Path, write, rank: int, exclusive: bool = False) -> bool:
+    """Writes ``path`` atomically: ``write(temporary)`` fills a hidden sibling, which is synced to disk and renamed
+    into place. ``exclusive``: linked instead, only if ``path`` does not exist yet (exactly one creator); returns
+    whether this call created it."""
     temporary = _temporary(path, rank)
     try:
-        pq.write_table(table, temporary)
+        write(temporary)
         _fsync(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, content: bytes, rank: int) -> None:
-    temporary = _temporary(path, rank)
-    try:
-        temporary.write_bytes(content)
-        _fsync(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _create(path: Path, content: bytes, rank: int) -> bool:
-    """Creates ``path`` with ``content`` atomically unless it exists; returns whether it did."""
-    temporary = _temporary(path, rank)
-    try:
-        temporary.write_bytes(content)
-        _fsync(temporary)
+        if not exclusive:
+            os.replace(temporary, path)
+            return True
         try:
-            os.link(temporary, path)  # fails when the file exists: exactly one creator
+            os.link(temporary, path)  # fails when the file exists
         except FileExistsError:
             return False
         except OSError:  # a file system without hard links

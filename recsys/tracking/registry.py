@@ -5,6 +5,7 @@ Aliases only (no stages): ``models:/<name>@champion`` is what batch scoring and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -176,15 +177,22 @@ def _record(client: MlflowClient, outcome: Promotion, alias: str, run_id: str) -
     client.set_terminated(run.info.run_id)
 
 
-@dataclass(frozen=True)
+@dataclass
 class FetchedPackage:
     """A package directory on local disk and what it is: the registered ``name`` and ``version`` (for other URIs and
-    directories: the URI and ``sha-<12 hex>`` of its metadata) and the sha256 of its files."""
+    directories: the URI or directory name and ``sha-<12 hex>`` of the files)."""
 
     directory: Path
     name: str
-    version: str
-    digest: str
+    version: str | None = None
+
+    def __post_init__(self):
+        self.version = self.version or f"sha-{self.digest[:12]}"
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of the package's files (read on first use, while the context is open)."""
+        return package_digest(self.directory)
 
 
 @contextmanager
@@ -198,9 +206,7 @@ def fetched_package(uri: str | Path, tracking_uri: str | None = None, quiet: boo
     """
     local = Path(str(uri)).expanduser()
     if local.is_dir():
-        directory = _package_dir(local, str(uri))
-        digest = package_digest(directory)
-        yield FetchedPackage(directory, local.name, f"sha-{digest[:12]}", digest)
+        yield FetchedPackage(_package_dir(local, str(uri)), local.name)
         return
     if ":/" not in str(uri):
         raise ConfigError(f"model {str(uri)!r} is neither a package directory nor an MLflow model URI "
@@ -222,13 +228,11 @@ def fetched_package(uri: str | Path, tracking_uri: str | None = None, quiet: boo
             root = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
         except (mlflow.exceptions.MlflowException, OSError) as error:
             raise ConfigError(f"model {uri}: cannot download {source} from {where}: {error}") from error
-        directory = _package_dir(Path(root), str(uri))
-        digest = package_digest(directory)
-        yield FetchedPackage(directory, name, version or f"sha-{digest[:12]}", digest)
+        yield FetchedPackage(_package_dir(Path(root), str(uri)), name, version)
 
 
 def _package_dir(root: Path, what: str) -> Path:
-    for candidate in (root, root / "artifacts" / "package"):
+    for candidate in (root, root / PACKAGE):
         if (candidate / META).is_file():
             return candidate
     raise ConfigError(f"model {what}: {root} is neither a model package ({META}, {VOCAB}, {WEIGHTS}) nor a recsys "
