@@ -1,0 +1,101 @@
+"""One memory budget split over several tables: smallest layouts, the water-filling split, errors."""
+
+import numpy as np
+import pytest
+
+from recsys.embeddings.budget import has_layout, smallest_budget, split_budget, with_budget
+from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
+from recsys.embeddings.compositional import QuotientRemainder
+from recsys.embeddings.full import Full
+from recsys.embeddings.hashing import Hashing
+from recsys.embeddings.mixed_dim import MixedDimension
+from recsys.embeddings.spec import TableSpec, TableStats
+from recsys.errors import ConfigError
+
+# Frappe's three large fields at D = 32
+SPECS = [TableSpec("user", 885, 32, ("user",)), TableSpec("item", 4083, 32, ("item",)),
+         TableSpec("city", 222, 32, ("city",))]
+METHODS = [Hashing(budget=1.0), QuotientRemainder(budget=1.0), MixedDimension(budget=1.0, blocks=2, dim_multiple=1)]
+
+
+def zipf_stats(spec: TableSpec) -> TableStats:
+    counts = (10_000 / np.arange(1, spec.num_embeddings + 1)).astype(np.int64)
+    counts[0] = 0  # OOV
+    return TableStats(counts=counts)
+
+
+def measured(compression, spec: TableSpec, stats: TableStats | None, budget: float) -> int:
+    emb = CompressedEmbeddings([spec], EmbeddingSettings(default=with_budget(compression, budget)),
+                               {spec.name: stats} if stats else None)
+    return sum(emb.memory().values())
+
+
+def test_quotient_remainder_floor_is_its_smallest_two_table_layout():
+    # the smallest 2-table layout of 885 ids: m = 30 remainders x ceil(885 / 30) = 30 quotients -> 60 rows
+    spec = SPECS[0]
+    floor = smallest_budget(QuotientRemainder(budget=1.0), spec)
+    assert floor == pytest.approx(60 * 32 * 4 / spec.full_bytes, rel=1e-3)
+    assert has_layout(QuotientRemainder(budget=1.0), spec, None, floor)
+    assert not has_layout(QuotientRemainder(budget=1.0), spec, None, floor / (1 + 2e-3))
+
+
+@pytest.mark.parametrize("compression", METHODS, ids=lambda c: type(c).__name__)
+def test_floor_is_tight_for_every_method(compression):
+    for spec in SPECS:
+        stats = zipf_stats(spec)
+        floor = smallest_budget(compression, spec, stats)
+        assert has_layout(compression, spec, stats, floor)
+        assert not has_layout(compression, spec, stats, floor / (1 + 2e-3))
+
+
+@pytest.mark.parametrize("compression", METHODS, ids=lambda c: type(c).__name__)
+@pytest.mark.parametrize("share", [1 / 4, 1 / 16])
+def test_split_fills_the_available_bytes_and_the_tensors_stay_within_it(compression, share):
+    full = sum(s.full_bytes for s in SPECS)
+    stats = {s.name: zipf_stats(s) for s in SPECS}
+    try:
+        floors = {s.name: smallest_budget(compression, s, stats[s.name]) for s in SPECS}
+    except ConfigError:
+        pytest.fail("every method has a layout at the full table's bytes")
+    available = int(share * full)
+    if sum(floors[s.name] * s.full_bytes for s in SPECS) > available:
+        with pytest.raises(ConfigError, match=r"smallest layouts of tables \['city', 'item', 'user'\] need \d+ bytes"):
+            split_budget(compression, SPECS, available, stats)
+        return
+    budgets = split_budget(compression, SPECS, available, stats)
+    # the shared fraction s: every table at max(s, its floor), the planned total = the bytes available
+    s = min(budgets.values())
+    assert all(b == pytest.approx(max(s, floors[n])) for n, b in budgets.items())
+    assert sum(budgets[sp.name] * sp.full_bytes for sp in SPECS) == pytest.approx(available, rel=1e-9)
+    bytes_ = {sp.name: measured(compression, sp, stats[sp.name], budgets[sp.name]) for sp in SPECS}
+    assert sum(bytes_.values()) <= available
+    assert all(bytes_[sp.name] <= budgets[sp.name] * sp.full_bytes for sp in SPECS)
+
+
+def test_binding_floors_take_bytes_from_the_other_tables():
+    # QR at 1/16: the 2-table floors of city (30 rows, 13.5% of its table) and user (60 rows, 6.8%) are above
+    # 1/16, so item alone gets less than 1/16
+    stats = {s.name: zipf_stats(s) for s in SPECS}
+    available = sum(s.full_bytes for s in SPECS) // 16
+    budgets = split_budget(QuotientRemainder(budget=1.0), SPECS, available, stats)
+    for spec in SPECS[0], SPECS[2]:
+        floor = smallest_budget(QuotientRemainder(budget=1.0), spec)
+        assert budgets[spec.name] == pytest.approx(floor) and floor > 1 / 16
+    assert budgets["item"] == pytest.approx((available - budgets["user"] * SPECS[0].full_bytes
+                                             - budgets["city"] * SPECS[2].full_bytes) / SPECS[1].full_bytes)
+    assert budgets["item"] < 1 / 16
+
+
+def test_enough_bytes_gives_every_table_its_full_budget():
+    budgets = split_budget(Hashing(budget=1.0), SPECS, 2 * sum(s.full_bytes for s in SPECS))
+    assert budgets == {"user": 1.0, "item": 1.0, "city": 1.0}
+
+
+def test_errors_name_the_method_and_the_bytes():
+    with pytest.raises(ConfigError, match=r"QuotientRemainder: the smallest layouts of tables \['city', 'item', "
+                                          r"'user'\] need \d+ bytes together, more than the 1000 available"):
+        split_budget(QuotientRemainder(budget=1.0), SPECS, 1000)
+    with pytest.raises(ConfigError, match="Full takes no budget"):
+        split_budget(Full(), SPECS, 10_000)
+    with pytest.raises(ConfigError, match="table 'user': MixedDimension has no layout within the full table's bytes"):
+        smallest_budget(MixedDimension(budget=1.0, blocks=2000, dim_multiple=4), TableSpec("user", 2000, 4, ("user",)))
