@@ -96,9 +96,11 @@ SPEED_BUDGETS = {"hashing": 0.0625, "quotient_remainder": 0.25, "mixed_dim": 0.5
 # The speed runs train the same network as the plain-PyTorch twin: no dropout, no embedding L2 penalty.
 LIKE_PLAIN = ["model.model.dropout=0", "model.embedding_l2=0"]
 # Frappe grid: at 1/16 mixed dimension has room for about one column per id, so its blocks take any width
-# (dim_multiple=1) and train on the dense kernel (FBGEMM's fused kernels need widths divisible by 4).
-# Differentiable VQ lets the budget choose the number of subspaces (DCNv2's D = 16 has no 4-subspace layout at 1/16).
-FRAPPE_OVERRIDES = {"mixed_dim": ["embedding.default.dim_multiple=1", "sharding=data_parallel"],
+# (dim_multiple=1), train on the dense kernel (FBGEMM's fused kernels need widths divisible by 4) and follow the
+# vocabulary's frequency order (no id map, which alone would be 2 of the 8 bytes per id). Differentiable VQ lets
+# the budget choose the number of subspaces (DCNv2's D = 16 has no 4-subspace layout at 1/16).
+FRAPPE_OVERRIDES = {"mixed_dim": ["embedding.default.dim_multiple=1", "embedding.default.rank_by=index",
+                                  "sharding=data_parallel"],
                     "vq_e2e": ["embedding.default.subspaces=null"]}
 DEEPCTR = {"deepfm": "DeepFM", "dcnv2": "DCN"}
 

@@ -46,7 +46,7 @@ def power_rule(counts: np.ndarray, blocks: int, alpha: float, base_dim: int, mul
     """The paper's rule, directly: sort by frequency, cut into equal blocks, p_i = mean access
     probability of block i, d_i = round(base_dim * (p_i / max p) ** alpha), at least 1 (or rounded
     to a multiple of ``multiple``, at least one)."""
-    ranked = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
+    ranked = sorted(range(len(counts)), key=lambda i: (i > 0, -counts[i], i))  # the OOV row (0) first
     total, sizes = counts.sum(), [len(part) for part in np.array_split(np.arange(len(counts)), blocks)]
     start, popularity = 0, []
     for size in sizes:
@@ -85,7 +85,7 @@ def test_ids_map_one_to_one_onto_block_rows_by_frequency(n, dtype):
     streams = method.transform(torch.arange(n))
     hits = torch.stack([s >= 0 for s in streams])
     assert bool((hits.sum(0) == 1).all())  # each id is in exactly one block
-    ranked = np.argsort(-counts, kind="stable")
+    ranked = np.concatenate([[0], 1 + np.argsort(-counts[1:], kind="stable")])  # the OOV row (0) first
     start = 0
     for i, (stream, rows) in enumerate(zip(streams, method.sizes)):
         members = torch.nonzero(stream >= 0).squeeze(1).numpy()
@@ -193,3 +193,21 @@ def test_mf_trains_one_epoch_on_mixed_dimension_tables(tiny_interactions, tmp_pa
     memory = task.embeddings.memory()
     assert all(memory[t] <= 0.25 * full[t] for t in full)
     assert math.isfinite(loss) and loss > 0
+
+
+def test_rank_by_index_keeps_the_vocabulary_order_and_takes_popularities_from_the_counts():
+    counts = zipf_counts(3000)
+    spec = TableSpec("t", 3000, 64, ("f",))
+    method = MixedDimension(blocks=4, alpha=0.5, base_dim=64, dim_multiple=1, rank_by="index").build(
+        spec, TableStats(counts=counts))
+    assert method.slot is None  # blocks are id ranges: no id map
+    blocks = np.array_split(np.arange(3000), 4)
+    popularity = [counts[b].mean() for b in blocks]
+    assert method.dims == [max(1, round(64 * (p / max(popularity)) ** 0.5)) for p in popularity]
+    by_counts = MixedDimension(blocks=4, alpha=0.5, budget=1 / 16, dim_multiple=1)
+    by_index = MixedDimension(blocks=4, alpha=0.5, budget=1 / 16, dim_multiple=1, rank_by="index")
+    # the id map (int16 per id) is what the index order saves at the same budget
+    assert _bytes(by_counts, spec, TableStats(counts=counts))[1].extra_memory_parts()["buffer/slot"] == 2 * 3000
+    assert "buffer/slot" not in _bytes(by_index, spec, TableStats(counts=counts))[1].extra_memory_parts()
+    with pytest.raises(ConfigError, match="mixed_dim.rank_by must be counts or index, got 'freq'"):
+        MixedDimension(rank_by="freq")

@@ -110,11 +110,14 @@ class MixedDimension(Compression):
     """Mixed dimension embeddings (``embedding=mixed_dim``): frequency blocks with dimensions from
     the popularity power rule, projected to D (see the module docstring).
 
-    Frequencies come from ``TableStats.counts`` (index 0 = OOV, sorted like any other id; ties
-    keep id order). Without counts, ids are assumed to be indexed by decreasing frequency, as
-    the platform's vocabularies are (``recsys.data.vocab``), and to follow Zipf's law
-    (probability of the id at index j proportional to 1 / (j + 1)), which gives the block
-    popularities. Within a block rows follow id order, so one block is the full table.
+    Frequencies come from ``TableStats.counts`` (ties keep id order; the OOV row, index 0, stays
+    first, in the widest block: every id unseen in training reads it). With ``rank_by=index``,
+    or without counts, ids are taken to be indexed by decreasing frequency, as the platform's
+    vocabularies are (``recsys.data.vocab``), which needs no id map (2 bytes per id: a quarter
+    of the 8 bytes per id that 1/16 of a D = 32 table leaves); without counts they are also
+    taken to follow Zipf's law (probability of the id at index j proportional to 1 / (j + 1)),
+    which gives the block popularities. Within a block rows follow id order, so one block is
+    the full table.
     Tables with fewer ids than blocks get one block per id.
 
     Args:
@@ -127,6 +130,9 @@ class MixedDimension(Compression):
             may use; ``base_dim`` is scaled (alpha kept) to the largest value whose layout fits.
         dim_multiple: dims are rounded to multiples of this (at least one multiple, at most D);
             4 by default, as FBGEMM's fused kernels need widths divisible by 4; 1 = the exact rule.
+        rank_by: ``counts``: the blocks follow the training counts (an id map unless that is id
+            order); ``index``: they follow the id order (a vocabulary ranked by frequency, e.g.
+            over the whole input before the split) and the counts only give their popularities.
 
     Example:
         >>> spec = TableSpec("item", 1000, 64, ("item",))
@@ -143,6 +149,7 @@ class MixedDimension(Compression):
     base_dim: int | None = None
     budget: float | None = None
     dim_multiple: int = 4
+    rank_by: str = "counts"
 
     def __post_init__(self):
         if isinstance(self.blocks, Integral) and not isinstance(self.blocks, bool):
@@ -168,6 +175,8 @@ class MixedDimension(Compression):
             raise ConfigError(f"mixed_dim.base_dim must be an integer >= 1, got {self.base_dim!r}")
         if isinstance(self.dim_multiple, bool) or not isinstance(self.dim_multiple, Integral) or self.dim_multiple < 1:
             raise ConfigError(f"mixed_dim.dim_multiple must be an integer >= 1, got {self.dim_multiple!r}")
+        if self.rank_by not in ("counts", "index"):
+            raise ConfigError(f"mixed_dim.rank_by must be counts or index, got {self.rank_by!r}")
 
     def build(self, spec: TableSpec, stats: TableStats | None = None) -> MixedDimensionTables:
         n, dim = spec.num_embeddings, spec.dim
@@ -180,7 +189,8 @@ class MixedDimension(Compression):
             if counts.shape != (n,):
                 raise DataError(f"table '{spec.name}': stats.counts has shape {counts.shape}, expected ({n},) "
                                 f"(one count per row, index 0 = OOV)")
-            order = np.argsort(-counts, kind="stable")
+            order = (np.arange(n) if self.rank_by == "index" else
+                     np.concatenate([[0], 1 + np.argsort(-counts[1:], kind="stable")]) if n else np.arange(0))
             probability = counts
         else:
             order = np.arange(n)
