@@ -11,9 +11,10 @@ Parts (``python benchmarks/ctr.py <part> ...``):
   ``python -m pipelines.train data=frappe model=...``). Beside them in the same run: DeepCTR-Torch's DeepFM
   and DCN (matrix cross layers = DCNv2) and plain-PyTorch DeepFM/DCNv2/DLRM (``benchmarks/ctr_baselines.py``).
   Then each compression method at each budget, where the budget is the *total* table memory of the model
-  (every table, the small ones kept full included) as a fraction of the same model's full tables, split over
-  the compressed tables by ``recsys.embeddings.budget.split_budget`` (one fraction for all, raised to a
-  table's smallest layout where that is larger) and checked against the tensors. ``vq_e2e`` trains
+  (every table, the small ones kept full included) as a fraction of the same model's full tables: the model's
+  ``embedding.total_budget``, split over the compressed tables by ``recsys.embeddings.budget.split_budget``
+  (one fraction for all, raised to a table's smallest layout where that is larger) and checked against the
+  tensors. ``vq_e2e`` trains
   differentiable VQ and is evaluated after the export to product quantization (codes + codebooks only);
   ``pq_post`` quantizes the trained full model's tables with FAISS k-means, no retraining. In the
   compression grid DeepFM has no first-order tables (its full first-order tables alone are 1/9 of the
@@ -66,10 +67,8 @@ from benchmarks.ctr_baselines import PLAIN_MODELS, train_deepctr, train_plain  #
 from benchmarks.mf import CHECKPOINTS, compose_cfg, fit_logged, fmt_bytes, machine  # noqa: E402
 from pipelines.prepare import ensure_prepared  # noqa: E402
 from recsys.data.batching import CTRBatcher, ParquetBatches  # noqa: E402
-from recsys.embeddings.budget import split_budget, with_budget  # noqa: E402
 from recsys.embeddings.collection import EmbeddingSettings  # noqa: E402
 from recsys.embeddings.quantization import DifferentiableVQTable, ProductQuantization  # noqa: E402
-from recsys.embeddings.spec import TableStats  # noqa: E402
 from recsys.errors import ConfigError  # noqa: E402
 from recsys.tracking.mlflow_run import Tracker  # noqa: E402
 from recsys.training.ctr import CTRTask  # noqa: E402
@@ -216,29 +215,19 @@ def frappe_compressed(model: str, method: str, ratio: float, seed: int, data, fu
         vq = table_vectors(task, DifferentiableVQTable)
         return exported(cfg, data, task, {n: task.embeddings.methods[n].export(v) for n, v in vq.items()})
 
-    cfg = frappe_cfg(model, seed, [*first_order, *embedding_overrides(method, ratio), *FRAPPE_OVERRIDES.get(method, [])])
-    settings = instantiate(cfg.embedding, _convert_="object")
-    budgets = table_budgets(full[1], settings.default, target, cfg.model.compress_min_rows)
-    task = build_task(cfg, data, EmbeddingSettings(settings.default, {n: with_budget(settings.default, b)
-                                                                      for n, b in budgets.items()}, settings.init_scale))
+    cfg = frappe_cfg(model, seed, [*first_order, *embedding_overrides(method, ratio), f"embedding.total_budget={ratio}",
+                                   *FRAPPE_OVERRIDES.get(method, [])])
+    task = build_task(cfg, data)
     # vq_e2e: what counts is the export's memory (an eval-mode export leaves the VQ tables' counters as they are)
     if (measured := table_bytes(vq_export(task) if method == "vq_e2e" else task)) > target:
-        raise ConfigError(f"{method}: the split budgets {budgets} measure {measured} bytes, over the {target} allowed")
+        raise ConfigError(f"{method}: embedding.total_budget={ratio} measures {measured} bytes, over the {target} allowed")
     record = train_task(task, cfg, data, run)
     if method == "vq_e2e":
         trained = {"test_auc_before_export": record["test_auc"], "training_table_bytes": record["table_bytes"]}
         served = vq_export(task)
         record |= {**held_out_metrics(served, data), "table_bytes": table_bytes(served), **trained}
-    return {**record, "table_budgets": budgets}
-
-
-def table_budgets(full: CTRTask, compression, target: int, compress_min_rows: int) -> dict[str, float]:
-    """Per compressed table of ``full``'s model (the tables under ``compress_min_rows`` rows stay full and count
-    too), its budget when all tables share ``target`` bytes (``recsys.embeddings.budget.split_budget``)."""
-    specs = [s for s in full.embeddings.specs.values() if s.num_embeddings >= compress_min_rows]
-    kept_full = table_bytes(full) - sum(s.full_bytes for s in specs)
-    stats = {s.name: TableStats(counts=full.counts[s.feature_names[0]]) for s in specs}
-    return split_budget(compression, specs, target - kept_full, stats)
+        task = served
+    return {**record, "table_memory": task.memory()}
 
 
 def frappe(args, tracker: Tracker) -> dict:

@@ -243,6 +243,19 @@ def test_deepfm_first_order_tables_can_be_compressed(method, tiny, tmp_path):
         assert compressed[field] == full[field] if n < 200 else compressed[field] <= 0.25 * full[field], field
 
 
+def test_total_budget_holds_for_the_fields_and_the_compressed_first_order_tables(tiny, tmp_path):
+    # embedding.total_budget: each collection (the fields, the first-order tables) within 1/4 of its full bytes,
+    # the small tables kept full included
+    task, _ = _build(tiny, tmp_path, "model=deepfm", "embedding=quotient_remainder", "embedding.default.budget=0.9",
+                     "embedding.total_budget=0.25", "model.first_order=compressed")
+    assert task.predict(_batch(tiny)).shape == (64,)
+    for collection in task.embeddings, task.first_order:
+        full = sum(spec.full_bytes for spec in collection.specs.values())
+        memory = collection.memory()
+        assert full // 5 < sum(memory.values()) <= full // 4
+        assert all(memory[n] == s.full_bytes for n, s in collection.specs.items() if s.num_embeddings < 200)
+
+
 def test_small_tables_stay_full_below_compress_min_rows(tiny, tmp_path):
     task, _ = _build(tiny, tmp_path, "model=dcnv2", "embedding=hashing", "model.compress_min_rows=200")
     plain = {p.split("/")[2] for p in task.memory_parts() if "/plain/" in p}

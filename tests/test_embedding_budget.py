@@ -99,3 +99,43 @@ def test_errors_name_the_method_and_the_bytes():
         split_budget(Full(), SPECS, 10_000)
     with pytest.raises(ConfigError, match="table 'user': MixedDimension has no layout within the full table's bytes"):
         smallest_budget(MixedDimension(budget=1.0, blocks=2000, dim_multiple=4), TableSpec("user", 2000, 4, ("user",)))
+
+
+# --- EmbeddingSettings.total_budget: the collection sizes its default-method tables ------------------------------
+
+def test_total_budget_sizes_the_default_tables_as_split_budget_does():
+    small = TableSpec("country", 76, 32, ("country",), compression=Full())  # kept full: counts at its size
+    specs = [*SPECS, small]
+    stats = {s.name: zipf_stats(s) for s in specs}
+    qr = QuotientRemainder(budget=0.5)  # the method's own budget is replaced
+    emb = CompressedEmbeddings(specs, EmbeddingSettings(default=qr, total_budget=1 / 16), stats)
+    allowed = sum(s.full_bytes for s in specs) // 16
+    assert sum(emb.memory().values()) <= allowed
+    budgets = split_budget(qr, SPECS, allowed - small.full_bytes, stats)
+    for spec in SPECS:
+        expected = with_budget(qr, budgets[spec.name]).build(spec, stats[spec.name])
+        assert emb.methods[spec.name].plain_tables() == expected.plain_tables()
+    assert emb.memory()["country"] == small.full_bytes
+
+
+def test_total_budget_counts_the_tables_listed_under_tables_at_their_size():
+    stats = {s.name: zipf_stats(s) for s in SPECS}
+    settings = EmbeddingSettings(default=Hashing(budget=1.0), tables={"city": Full()}, total_budget=0.25)
+    emb = CompressedEmbeddings(SPECS, settings, stats)
+    memory = emb.memory()
+    assert memory["city"] == SPECS[2].full_bytes
+    assert sum(memory.values()) <= sum(s.full_bytes for s in SPECS) // 4
+    # user and item share what city leaves: one fraction for both, well below 1/4
+    share = (sum(s.full_bytes for s in SPECS) // 4 - SPECS[2].full_bytes) / (SPECS[0].full_bytes + SPECS[1].full_bytes)
+    for spec in SPECS[:2]:
+        assert 0.97 * share * spec.full_bytes <= memory[spec.name] <= share * spec.full_bytes
+
+
+def test_total_budget_errors():
+    for bad in (0, 1.5, True, "half"):
+        with pytest.raises(ConfigError, match=r"embedding.total_budget must be a fraction in \(0, 1\]"):
+            EmbeddingSettings(default=Hashing(budget=1.0), total_budget=bad)
+    with pytest.raises(ConfigError, match="Full takes no budget"):
+        CompressedEmbeddings(SPECS, EmbeddingSettings(total_budget=0.5))
+    with pytest.raises(ConfigError, match=r"QuotientRemainder: the smallest layouts of tables \['city', 'item', 'user'\]"):
+        CompressedEmbeddings(SPECS, EmbeddingSettings(default=QuotientRemainder(budget=1.0), total_budget=0.001))

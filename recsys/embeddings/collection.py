@@ -8,6 +8,7 @@ them and FBGEMM's kernels run them. Models never see which method is in use.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -17,6 +18,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollec
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys.embeddings.base import Compression, Method, PlainTable
+from recsys.embeddings.budget import split_budget, with_budget
 from recsys.embeddings.full import Full
 from recsys.embeddings.memory import table_memory
 from recsys.embeddings.spec import TableSpec, TableStats
@@ -31,11 +33,21 @@ class EmbeddingSettings:
         default: the compression of every table not listed in ``tables``.
         tables: per-table overrides, by table name.
         init_scale: plain-table rows start uniform in ±init_scale / sqrt(their dim).
+        total_budget: the fraction of all the collection's full table bytes its tables may use together
+            (None: each method's own budget). The tables stored as ``default`` share what the others (kept
+            full, or listed in ``tables``) leave, split by ``recsys.embeddings.budget.split_budget``.
     """
 
     default: Compression = field(default_factory=Full)
     tables: dict[str, Compression] = field(default_factory=dict)
     init_scale: float = 0.1
+    total_budget: float | None = None
+
+    def __post_init__(self):
+        if self.total_budget is not None and (isinstance(self.total_budget, bool) or not isinstance(
+                self.total_budget, (int, float)) or not 0 < self.total_budget <= 1):
+            raise ConfigError(f"embedding.total_budget must be a fraction in (0, 1] of the full tables' bytes, "
+                              f"got {self.total_budget!r}")
 
     def compression(self, table: str) -> Compression:
         return self.tables.get(table, self.default)
@@ -76,8 +88,7 @@ class CompressedEmbeddings(nn.Module):
         unknown = set(settings.tables) - set(self.specs)
         if unknown:
             raise ConfigError(f"embedding.tables names unknown tables {sorted(unknown)}; tables are {sorted(self.specs)}")
-        self.methods = nn.ModuleDict({s.name: (s.compression or settings.compression(s.name)).build(s, stats.get(s.name))
-                                      for s in specs})
+        self.methods = nn.ModuleDict(_build_methods(specs, settings, stats))
         bag_configs, seq_configs = [], []
         for spec in specs:
             method = self.methods[spec.name]
@@ -187,6 +198,24 @@ class CompressedEmbeddings(nn.Module):
         for part, b in self.memory_parts().items():
             totals[part.split("/")[0]] += b
         return totals
+
+
+def _build_methods(specs: Sequence[TableSpec], settings: EmbeddingSettings,
+                   stats: Mapping[str, TableStats]) -> dict[str, Method]:
+    """Each spec's method, in spec order; with ``settings.total_budget``, the ``default`` tables sized to share
+    what the other tables leave of it."""
+    shared = {s.name for s in specs if settings.total_budget is not None and s.compression is None
+              and s.name not in settings.tables}
+    methods = {s.name: (s.compression or settings.compression(s.name)).build(s, stats.get(s.name))
+               for s in specs if s.name not in shared}
+    if shared:
+        fixed = sum(4 * t.rows * t.dim for m in methods.values() for t in m.plain_tables())  # float32 rows
+        fixed += sum(m.extra_memory() for m in methods.values())
+        available = math.floor(settings.total_budget * sum(s.full_bytes for s in specs)) - fixed
+        sized = [s for s in specs if s.name in shared]
+        budgets = split_budget(settings.default, sized, available, stats)
+        methods |= {s.name: with_budget(settings.default, budgets[s.name]).build(s, stats.get(s.name)) for s in sized}
+    return {s.name: methods[s.name] for s in specs}
 
 
 def _copy_init(name: str, table: PlainTable, rows: torch.Tensor):

@@ -144,7 +144,7 @@ def _first_order_settings(settings: EmbeddingSettings, first_order: str) -> Embe
     if first_order == "full":
         return EmbeddingSettings(init_scale=settings.init_scale)
     tables = {f"{k}{FIRST_ORDER_SUFFIX}": v for k, v in settings.tables.items()}
-    return EmbeddingSettings(settings.default, tables, settings.init_scale)
+    return EmbeddingSettings(settings.default, tables, settings.init_scale, settings.total_budget)
 
 
 def ctr_network(model: Callable[..., nn.Module], schema: CTRSchema, vocab_sizes: dict[str, int],
