@@ -96,11 +96,10 @@ SPEED_BUDGETS = {"hashing": 0.0625, "quotient_remainder": 0.25, "mixed_dim": 0.5
 LIKE_PLAIN = ["model.model.dropout=0", "model.embedding_l2=0"]
 # Frappe grid: at 1/16 mixed dimension has room for about one column per id, so its blocks take any width
 # (dim_multiple=1), train on the dense kernel (FBGEMM's fused kernels need widths divisible by 4) and follow the
-# vocabulary's frequency order (no id map, which alone would be 2 of the 8 bytes per id). Differentiable VQ lets
-# the budget choose the number of subspaces (DCNv2's D = 16 has no 4-subspace layout at 1/16).
+# vocabulary's frequency order (no id map, which alone would be 2 of the 8 bytes per id).
 FRAPPE_OVERRIDES = {"mixed_dim": ["embedding.default.dim_multiple=1", "embedding.default.rank_by=index",
-                                  "sharding=data_parallel"],
-                    "vq_e2e": ["embedding.default.subspaces=null"]}
+                                  "sharding=data_parallel"]}
+VQ_SUBSPACE_DIM = 8  # differentiable VQ: subspaces of 8 columns (S = 4 at D = 32 as in conf/, S = 2 at DCNv2's 16)
 DEEPCTR = {"deepfm": "DeepFM", "dcnv2": "DCN"}
 
 
@@ -215,8 +214,11 @@ def frappe_compressed(model: str, method: str, ratio: float, seed: int, data, fu
         vq = table_vectors(task, DifferentiableVQTable)
         return exported(cfg, data, task, {n: task.embeddings.methods[n].export(v) for n, v in vq.items()})
 
+    extra = FRAPPE_OVERRIDES.get(method, [])
+    if method == "vq_e2e":
+        extra = [f"embedding.default.subspaces={cfg.model.dim // VQ_SUBSPACE_DIM}"]
     cfg = frappe_cfg(model, seed, [*first_order, *embedding_overrides(method, ratio), f"embedding.total_budget={ratio}",
-                                   *FRAPPE_OVERRIDES.get(method, [])])
+                                   *extra])
     task = build_task(cfg, data)
     # vq_e2e: what counts is the export's memory (an eval-mode export leaves the VQ tables' counters as they are)
     if (measured := table_bytes(vq_export(task) if method == "vq_e2e" else task)) > target:
