@@ -37,7 +37,7 @@ RANKING = {
     "comirec_dr": ["model=comirec_dr", "model.dim=16"],
 }
 CTR = {"dlrm": ["model=dlrm"], "deepfm_hashing": ["model=deepfm", "embedding=hashing"],
-       "dcnv2_qr": ["model=dcnv2", "embedding=quotient_remainder"]}
+       "dcnv2_qr_total_budget": ["model=dcnv2", "embedding=quotient_remainder", "embedding.total_budget=0.25"]}
 
 
 def _trained(tmp_path, *overrides):
