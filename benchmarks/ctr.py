@@ -14,11 +14,10 @@ Parts (``python benchmarks/ctr.py <part> ...``):
   (every table, the small ones kept full included) as a fraction of the same model's full tables: the model's
   ``embedding.total_budget``, split over the compressed tables by ``recsys.embeddings.budget.split_budget``
   (one fraction for all, raised to a table's smallest layout where that is larger) and checked against the
-  tensors. ``vq_e2e`` trains
-  differentiable VQ and is evaluated after the export to product quantization (codes + codebooks only);
-  ``pq_post`` quantizes the trained full model's tables with FAISS k-means, no retraining. In the
-  compression grid DeepFM has no first-order tables (its full first-order tables alone are 1/9 of the
-  memory), also in its full reference.
+  tensors. ``vq_e2e`` trains differentiable VQ and is evaluated after the export to product quantization
+  (codes + codebooks only); ``pq_post`` quantizes the trained full model's tables with FAISS k-means, no
+  retraining. In the compression grid DeepFM has no first-order tables (its full first-order tables alone
+  are 1/9 of the memory), also in its full reference.
 * ``speed``: synthetic Criteo-like data (13 dense + 26 Zipf sparse fields, Criteo's cardinalities and
   missing shares, planted labels) at 1M and 10M rows, streamed from parquet. Per model: training samples/s
   over ``--steps`` steps of ``--batch-size`` rows after ``--warmup`` steps (input pipeline included, and the
@@ -214,9 +213,8 @@ def frappe_compressed(model: str, method: str, ratio: float, seed: int, data, fu
         vq = table_vectors(task, DifferentiableVQTable)
         return exported(cfg, data, task, {n: task.embeddings.methods[n].export(v) for n, v in vq.items()})
 
-    extra = FRAPPE_OVERRIDES.get(method, [])
-    if method == "vq_e2e":
-        extra = [f"embedding.default.subspaces={cfg.model.dim // VQ_SUBSPACE_DIM}"]
+    extra = ([f"embedding.default.subspaces={cfg.model.dim // VQ_SUBSPACE_DIM}"] if method == "vq_e2e"
+             else FRAPPE_OVERRIDES.get(method, []))
     cfg = frappe_cfg(model, seed, [*first_order, *embedding_overrides(method, ratio), f"embedding.total_budget={ratio}",
                                    *extra])
     task = build_task(cfg, data)

@@ -32,7 +32,7 @@ def with_budget(compression: Compression, budget: float) -> Compression:
 
 def has_layout(compression: Compression, spec: TableSpec, stats: TableStats | None, budget: float) -> bool:
     """Whether ``compression`` at ``budget`` builds for ``spec`` (methods raise ConfigError when it is too small)."""
-    sized = with_budget(compression, budget)
+    sized = with_budget(compression, budget)  # outside the try: a method without a budget is an error, not "no"
     try:
         sized.build(spec, stats)
     except ConfigError:
@@ -90,4 +90,4 @@ def split_budget(compression: Compression, specs: Sequence[TableSpec], available
             free = [n for n in full if floors[n] <= left]  # the tables above their floor on this segment
             s = left + (available - total(left)) / sum(full[n] for n in free)
             break
-    return {n: min(1.0, max(s, floors[n])) for n in full}
+    return {n: max(s, floors[n]) for n in full}  # s <= 1, and every floor is <= 1

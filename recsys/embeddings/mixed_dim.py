@@ -189,8 +189,8 @@ class MixedDimension(Compression):
             if counts.shape != (n,):
                 raise DataError(f"table '{spec.name}': stats.counts has shape {counts.shape}, expected ({n},) "
                                 f"(one count per row, index 0 = OOV)")
-            order = (np.arange(n) if self.rank_by == "index" else
-                     np.concatenate([[0], 1 + np.argsort(-counts[1:], kind="stable")]) if n else np.arange(0))
+            order = (np.arange(n) if self.rank_by == "index"
+                     else np.concatenate([[0], 1 + np.argsort(-counts[1:], kind="stable")]))
             probability = counts
         else:
             order = np.arange(n)
