@@ -3,23 +3,27 @@
 A package directory holds ``meta.json`` (the family, what rebuilds the model, the run's resolved
 ``model``/``embedding`` config, a summary of the prepared data, metrics), ``vocab.json`` (the raw id of
 every index, per feature) and ``weights.safetensors`` (every tensor: the model's unsharded state with its
-compressed tables, id statistics, the users' histories). Nothing is pickled; loading runs no user code.
+compressed tables, id statistics, the users' histories). Nothing is pickled, and loading runs no code a package
+names: its metadata may only name the platform's own classes (``packageable()``), with plain JSON arguments checked
+against their types (``from_config``); anything else fails with the key and value before any object is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import shutil
+import typing
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydantic
 import torch
-from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
 from recsys.data.vocab import Vocabulary
@@ -149,16 +153,19 @@ def csr_tensors(name: str, indptr: np.ndarray, indices: np.ndarray) -> dict[str,
 
 
 def to_config(obj):
-    """A Hydra-instantiable JSON form of a settings object: dataclasses (and ``functools.partial`` of a class, as
-    Hydra's ``_partial_`` builds them) become ``{"_target_": ..., field: value}``, recursively.
+    """A JSON form of a settings object that ``from_config`` builds again: dataclasses (and ``functools.partial`` of
+    a CTR network, as Hydra's ``_partial_`` builds them) become ``{"_target_": ..., field: value}``, recursively.
+    Only the classes of ``packageable()`` can be stored.
 
     Example:
         >>> to_config(Hashing(budget=0.25))["_target_"]  # doctest: +SKIP
         'recsys.embeddings.hashing.Hashing'
     """
     if isinstance(obj, functools.partial):
+        _allowed(obj.func, partial=True)
         return {"_target_": _qualname(obj.func), "_partial_": True, **{k: to_config(v) for k, v in obj.keywords.items()}}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        _allowed(type(obj), partial=False)
         return {"_target_": _qualname(type(obj)),
                 **{f.name: to_config(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}}
     if isinstance(obj, dict):
@@ -170,9 +177,118 @@ def to_config(obj):
     raise ConfigError(f"cannot store a {type(obj).__name__} in a package's JSON metadata: {obj!r:.80}")
 
 
-def from_config(config):
-    """The object ``to_config`` described (Hydra's ``instantiate``)."""
-    return instantiate(config, _convert_="object")
+def from_config(config, key: str = "build"):
+    """The object ``to_config`` described, built without Hydra and without importing what the package names.
+
+    The whole tree is checked before any object is built: every ``_target_`` must be a class of ``packageable()``
+    (``_partial_: true`` only on a CTR network), every other key one of its parameters, every value plain JSON
+    data. Arguments are then validated against the class's type hints as the objects are built, innermost first.
+
+    Args:
+        config: ``to_config``'s output, read from a package's ``meta.json``.
+        key: where ``config`` sits in the metadata (e.g. ``build.settings``), for error messages.
+
+    Raises:
+        ConfigError: naming the key and the value that is not allowed, or not of its parameter's type.
+    """
+    _check(config, key)
+    return _build(config, key)
+
+
+@functools.cache
+def packageable() -> dict[str, type]:
+    """The classes a package may name, by ``_target_``: embedding settings, compression methods, interest extractors
+    and CTR networks (with their cross-layer settings). A class is not trusted because it can be imported."""
+    from recsys.embeddings import compositional, full, graph_hash, hashing, mixed_dim, quantization
+    from recsys.embeddings.collection import EmbeddingSettings
+    from recsys.models import ctr, multi_interest
+
+    classes = (EmbeddingSettings, full.Full, hashing.Hashing, hashing.DoubleHashing, hashing.MultiHash,
+               hashing.FrequencyHashing, compositional.QuotientRemainder, compositional.Compositional,
+               mixed_dim.MixedDimension, quantization.ProductQuantization, quantization.DifferentiableVQ,
+               graph_hash.GraphHash, multi_interest.DynamicRouting, multi_interest.SelfAttention, ctr.Cross,
+               *_networks())
+    return {_qualname(cls): cls for cls in classes}
+
+
+def _networks() -> tuple[type, ...]:
+    """The classes stored as ``_partial_`` factories (the CTR networks, called with their tables at build)."""
+    from recsys.models import ctr
+
+    return ctr.DLRM, ctr.DCNv2, ctr.DeepFM
+
+
+def _allowed(cls: type, partial: bool) -> None:
+    if packageable().get(_qualname(cls)) is not cls or partial != (cls in _networks()):
+        how = "as a _partial_ factory" if partial else "as an object"
+        raise ConfigError(f"{_qualname(cls)} cannot be stored in a model package {how}; packages name only "
+                          f"{sorted(packageable())} (CTR networks as _partial_ factories)")
+
+
+_SPECIAL = ("_target_", "_partial_")
+
+
+def _check(value, key: str) -> None:
+    """Raises ConfigError unless ``value`` is plain JSON data and allowed ``_target_`` dicts (see ``from_config``)."""
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check(v, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        if "_target_" not in value:
+            for k, v in value.items():
+                _check(v, f"{key}.{k}")
+            return
+        target, partial = value["_target_"], value.get("_partial_", False)
+        cls = packageable().get(target) if isinstance(target, str) else None
+        if cls is None:
+            raise ConfigError(f"{key}._target_={target!r:.200} is not a class a model package may name; it may name "
+                              f"{sorted(packageable())}")
+        if type(partial) is not bool or partial != (cls in _networks()):
+            raise ConfigError(f"{key}._partial_={partial!r:.80} is not allowed for {target}: only the CTR networks "
+                              f"are stored as _partial_ factories (_partial_: true)")
+        parameters = inspect.signature(cls).parameters
+        for k, v in value.items():
+            if k in _SPECIAL:
+                continue
+            if k not in parameters or k.startswith("_"):
+                raise ConfigError(f"{key}.{k}={v!r:.80}: {target} has no parameter {k!r}; it takes {list(parameters)}")
+            _check(v, f"{key}.{k}")
+    elif not (value is None or isinstance(value, (bool, int, float, str))):
+        raise ConfigError(f"{key}={value!r:.80} is not plain JSON data")
+
+
+def _build(value, key: str):
+    if isinstance(value, list):
+        return [_build(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    if "_target_" not in value:
+        return {k: _build(v, f"{key}.{k}") for k, v in value.items()}
+    cls = packageable()[value["_target_"]]
+    hints = typing.get_type_hints(cls.__init__)
+    arguments = {}
+    for k, v in value.items():
+        if k not in _SPECIAL:
+            arguments[k] = _build(v, f"{key}.{k}")
+            _check_type(arguments[k], hints.get(k, typing.Any), f"{key}.{k}")
+    return functools.partial(cls, **arguments) if value.get("_partial_") else cls(**arguments)
+
+
+def _check_type(value, hint, key: str) -> None:
+    try:
+        _adapter(hint).validate_python(value, strict=True)
+    except pydantic.ValidationError as error:
+        reason = error.errors()[0]["msg"]
+        raise ConfigError(f"{key}={value!r:.80} is not a {_hint_name(hint)}: {reason}") from None
+
+
+@functools.cache
+def _adapter(hint) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(hint, config=pydantic.ConfigDict(arbitrary_types_allowed=True))
+
+
+def _hint_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def _qualname(cls) -> str:

@@ -29,7 +29,7 @@ from recsys.data.vocab import Vocabulary
 from recsys.embeddings.collection import CompressedEmbeddings
 from recsys.embeddings.serving_quantization import quantize_tables
 from recsys.errors import ConfigError, DataError
-from recsys.inference.package import Package, from_config, stats_from
+from recsys.inference.package import META, Package, from_config, stats_from
 from recsys.models.ease import _csr
 from recsys.models.mf import MatrixFactorization, mf_specs
 from recsys.models.multi_interest import HISTORY, MultiInterest, multi_interest_specs
@@ -37,6 +37,7 @@ from recsys.models.nbmf import unpack_codes
 from recsys.retrieval import ItemIndex, multi_interest_retrieve
 
 SOURCES = ("model", "history", "popularity")
+CTR_BUILD = {"dim", "first_order", "multi_valued_pooling", "compress_min_rows"}  # ctr_network's plain arguments
 
 
 @dataclass
@@ -271,11 +272,12 @@ class ComiRecRecommender(Recommender):
     def __init__(self, package: Package, tables: str = "float", index: str = "Flat"):
         super().__init__(package, index)
         build = package.meta["build"]
-        settings = from_config(build["settings"])
+        settings = from_config(build["settings"], "build.settings")
         stats = stats_from(package, {ITEM: "item"}, {ITEM: self.n_items})
         self.max_length = build["max_length"]
         embeddings = CompressedEmbeddings(multi_interest_specs(self.n_items, build["dim"]), settings, stats)
-        self.model = MultiInterest(embeddings, from_config(build["extractor"]).build(build["dim"], self.max_length))
+        extractor = from_config(build["extractor"], "build.extractor")
+        self.model = MultiInterest(embeddings, extractor.build(build["dim"], self.max_length))
         self.model.load_state_dict(package.section("model"))
         quantize(self.model.eval(), tables)
         with torch.no_grad():
@@ -351,7 +353,11 @@ class CTRScorer:
         self.transform, self.dense_stats = data.get("dense_transform", "none"), data.get("dense_stats")
         self.vocabs = {f: package.vocabulary(f) for f in self.schema.sparse_features}
         counts = {f: package.tensors[f"stats.{f}.counts"].numpy() for f in self.schema.sparse_features}
-        model, settings = from_config(build.pop("model")), from_config(build.pop("settings"))
+        model = from_config(build.pop("model"), "build.model")
+        settings = from_config(build.pop("settings"), "build.settings")
+        unknown = set(build) - CTR_BUILD
+        if unknown:
+            raise ConfigError(f"{META}: build has unknown entries {sorted(unknown)}; a CTR package has {sorted(CTR_BUILD)}")
         self.model = ctr_network(model, self.schema, data["vocab_sizes"], counts, settings, **build)[0]
         self.model.load_state_dict(package.section("model"))
         quantize(self.model.eval(), tables)
@@ -459,7 +465,7 @@ def _mf(package: Package, tables: str, index: str) -> Recommender:
     users, items = package.vocabulary(USER), package.vocabulary(ITEM)
     stats = stats_from(package, {USER: "user", ITEM: "item"}, {USER: len(users), ITEM: len(items)})
     model = MatrixFactorization(CompressedEmbeddings(mf_specs(len(users), len(items), build["dim"]),
-                                                     from_config(build["settings"]), stats))
+                                                     from_config(build["settings"], "build.settings"), stats))
     model.load_state_dict(package.section("model"))
     quantize(model.eval(), tables)
     with torch.no_grad():
