@@ -104,6 +104,26 @@ def test_movielens_given_parquet(tmp_path):
         read_movielens(path)
 
 
+@pytest.mark.parametrize("position", ["head", "tail"])
+def test_a_nul_byte_is_one_quarantined_row_wherever_it_is(tmp_path, position):
+    """Issue 14: a NUL byte in the first 4 KiB rejected the whole file as binary, while later it was one bad row."""
+    good = [f"{u}\t{u + 10}\t4\t{u}" for u in range(1, 2001)]
+    damaged = 2 if position == "head" else 1900  # line numbers, 1-based
+    good[damaged - 1] = f"{damaged}\t1\x002\t4\t{damaged}"
+    path = write(tmp_path / "u.data", "\n".join(good) + "\n")
+    assert (b"\x00" in path.read_bytes()[:4096]) == (position == "head")
+    frame, quarantine, rows = read(read_movielens(path, layout="udata", chunksize=500), tmp_path)
+    assert (quarantine.n_bad, quarantine.n_total, len(frame)) == (1, 2000, 1999)
+    assert bad_lines(rows) == {damaged: "item_id is not an integer: '1\x002'"}
+
+
+def test_a_binary_file_is_refused_with_its_nul_count(tmp_path):
+    path = tmp_path / "u.data"
+    path.write_bytes(b"1\t2\t3\t4\n" + bytes(2000) + b"\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}: is a binary file (2000 of its first 2009 bytes are NUL)")):
+        read_movielens(path, layout="udata")
+
+
 def test_movielens_undetectable_layout(tmp_path):
     path = write(tmp_path / "ratings.dat", "1::2::3::4\n")
     with pytest.raises(DataError, match=re.escape(str(path)) + " line 1: cannot tell the MovieLens layout"):

@@ -25,6 +25,7 @@ from recsys.data.schemas import LABEL, RATING, RAW_ITEM, RAW_USER, TIMESTAMP
 from recsys.errors import ConfigError, DataError
 
 DEFAULT_CHUNKSIZE = 1_000_000
+BINARY_NUL_SHARE = 0.1  # a text file's first 4 KiB with more NUL bytes than this share is taken for binary
 
 FRAPPE_FIELDS = ("user", "item", "daytime", "weekday", "isweekend", "homework", "cost", "weather",
                  "country", "city")
@@ -154,9 +155,11 @@ def _text_file(path: str | Path, expected: str) -> Path:
     path = _existing(path, expected)
     with path.open("rb") as handle:
         head = handle.read(4096)
+    nul = head.count(b"\x00")  # a few NULs are a damaged line (quarantined like anywhere else), not a binary file
     kind = ("a Parquet file" if head.startswith(b"PAR1") else
             "gzip-compressed (decompress it first)" if head.startswith(b"\x1f\x8b") else
-            "a binary file" if b"\x00" in head else None)
+            f"a binary file ({nul} of its first {len(head)} bytes are NUL)" if nul > BINARY_NUL_SHARE * len(head)
+            else None)
     if kind:
         raise DataError(f"{path}: is {kind}, expected a text file ({expected})")
     return path
