@@ -6,9 +6,16 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+PROJECT = CONF.parent
+
+
+def register_resolvers() -> None:
+    """``${project_root:}``: the project directory (beside ``conf/``), whatever ``paths.root`` a run writes under."""
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT))
 
 
 def compose_run(config_name: str, overrides) -> DictConfig:

@@ -117,3 +117,21 @@ def test_python_call_trains_like_the_command_line(tmp_path):
     checkpoints = logged.data.params["trainer.checkpoint_dir"]  # ${hydra:job.override_dirname} resolved as on the CLI
     assert checkpoints.startswith(f"{tmp_path}/checkpoints/synthetic/als/") and "model.factors=8" in checkpoints
     assert logged.data.metrics["test_recall_at_20"] == pytest.approx(result["metrics"]["recall@20"])
+
+
+def test_shared_data_stays_beside_the_project_when_the_root_moves(tmp_path, monkeypatch):
+    """Issue 14: ``paths.root=...`` also moved the shared data folder, so a run rooted elsewhere lost ``ml100k``."""
+    from pipelines.config import PROJECT, compose_run
+
+    monkeypatch.delenv("RECSYS_SHARED_DATA", raising=False)
+    cfg = compose_run("prepare", [f"paths.root={tmp_path / 'elsewhere'}", "data=ml100k"])
+    assert Path(cfg.paths.shared_data) == PROJECT / ".." / "shared" / "data"
+    assert cfg.data.source.path == f"{PROJECT}/../shared/data/ml-100k/ml-100k.inter"
+    assert cfg.data.prepared_dir.startswith(str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("RECSYS_SHARED_DATA", str(tmp_path / "mine"))
+    assert compose_run("prepare", ["data=ml100k"]).data.source.path == f"{tmp_path}/mine/ml-100k/ml-100k.inter"
+    # the command line resolves the same (the resolver is registered when the pipelines package is imported)
+    monkeypatch.delenv("RECSYS_SHARED_DATA")
+    shown = subprocess.run([sys.executable, "-m", "pipelines.prepare", f"paths.root={tmp_path / 'cli'}", "data=ml100k",
+                            "--cfg", "job", "--resolve"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert f"path: {PROJECT}/../shared/data/ml-100k/ml-100k.inter" in shown.stdout
