@@ -25,6 +25,7 @@ import socket
 import tempfile
 import time
 import traceback
+from multiprocessing import connection
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,35 +87,48 @@ def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: 
     with tempfile.TemporaryDirectory(prefix="ranks-") as out:
         context = mp.start_processes(_entry, args=(fn, args, world_size, free_port(), out, threads, timeout),
                                      nprocs=world_size, join=False, start_method=start_method)
-        deadline = time.monotonic() + timeout
+        processes, deadline = context.processes, time.monotonic() + timeout
         try:
-            while not context.join(timeout=0.5):
-                if any(Path(out).glob("rank*.error")):  # the others may wait for it in a collective: stop them
-                    raise RankError(_first_failure(Path(out)))
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{world_size} ranks running {fn.__qualname__} did not finish in "
-                                       f"{timeout:.0f} s")
-        except mp.ProcessRaisedException:
-            raise RankError(_first_failure(Path(out))) from None
-        except mp.ProcessExitedException as error:
-            raise RankError(f"rank {error.error_index} exited with code {error.exit_code} (killed or crashed)") \
-                from None
+            while _wait(processes, deadline, until="any_failed"):
+                pass
+            if any(p.exitcode not in (None, 0) for p in processes):
+                # the others usually fail in its wake (a peer left a collective): wait for them (no fixed grace, so a
+                # loaded machine reports the same), then report the first failure
+                _wait(processes, deadline, until="all_exited")
+                raise RankError(_first_failure(Path(out), processes))
+            if any(p.is_alive() for p in processes):
+                raise TimeoutError(f"{world_size} ranks running {fn.__qualname__} did not finish in {timeout:.0f} s")
         finally:
-            for process in context.processes:
+            for process in processes:
                 if process.is_alive():
                     process.kill()
-            for process in context.processes:
+            for process in processes:
                 process.join(5)
         return [torch.load(Path(out) / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
 
 
-def _first_failure(out: Path, grace: float = 1.0) -> str:
+def _wait(processes: list, deadline: float, until: str) -> bool:
+    """Waits up to 1 s for a process to exit; False once ``until`` holds (``any_failed``: a rank exited non-zero, or
+    all exited; ``all_exited``) or the deadline passed, True to keep waiting."""
+    alive = [p for p in processes if p.is_alive()]
+    if not alive or time.monotonic() > deadline:
+        return False
+    if until == "any_failed" and any(p.exitcode not in (None, 0) for p in processes):
+        return False
+    connection.wait([p.sentinel for p in alive], timeout=min(1.0, max(deadline - time.monotonic(), 0)))
+    return True
+
+
+def _first_failure(out: Path, processes: list) -> str:
     """The traceback of the rank that failed first (the others often fail because of it: a peer
-    that left a collective), with the last line of the others' errors."""
-    time.sleep(grace)  # let the ranks that fail in its wake write their errors too
+    that left a collective), with the last line of the others' errors or their exit codes."""
     failed = sorted(out.glob("rank*.error"), key=lambda p: p.stat().st_mtime_ns)
+    wrote = {int(p.stem.removeprefix("rank")) for p in failed}
+    silent = [f"rank {rank} exited with code {p.exitcode} (killed or crashed)" for rank, p in enumerate(processes)
+              if rank not in wrote and p.exitcode not in (None, 0)]
     if not failed:
-        return "a rank failed without writing its traceback"
+        return "; ".join(silent) or "a rank failed without writing its traceback"
     first, *others = failed
     also = "".join(f"\n(then {p.stem}: {p.read_text().strip().splitlines()[-1]})" for p in others)
+    also += "".join(f"\n(then {line})" for line in silent)
     return f"{first.stem.replace('rank', 'rank ')} failed first:\n{first.read_text()}{also}"

@@ -412,10 +412,8 @@ def test_each_rank_reads_a_disjoint_equal_share_of_the_batches():
 def test_harness_reports_a_failing_rank_with_its_traceback_and_times_out():
     with pytest.raises(RankError, match=r"(?s)^rank 1 failed first:.*ValueError: boom on rank 1.*then rank0"):
         run_ranks(_fails_on_rank_one, timeout=60)
-    began = time.perf_counter()
     with pytest.raises(TimeoutError, match="did not finish in 2 s"):
         run_ranks(_sleeps, timeout=2)
-    assert time.perf_counter() - began < 30
 
 
 # --- torchrun end to end ------------------------------------------------------------------------
