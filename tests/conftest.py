@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import pipelines  # noqa: F401  (registers the config resolvers, e.g. ${project_root:})
 from recsys.data.dataset import PreparedData
 from recsys.data.prepare import InteractionFilters, SourceConfig, prepare_interactions
 from recsys.data.splits import SplitConfig
