@@ -1,7 +1,9 @@
 """Per-epoch checkpoints with torch.distributed.checkpoint (sharded, rank-count independent).
 
 A checkpoint directory holds ``epoch_<n>/`` (four digits) folders written by ``dcp.save`` plus a
-``latest.json`` pointer, written last, so an interrupted save is never picked up.
+``latest.json`` pointer. Each folder gets its own ``recsys_meta.json`` after DCP's ``.metadata``, and
+the pointer is replaced atomically last, so an interrupted save is never picked up. When the pointer is
+unreadable or its checkpoint does not load, :func:`restore_latest` falls back to the newest intact folder.
 
 Every rank calls ``save`` and ``load`` (each writes and reads its own shards). A checkpoint
 written by W ranks loads on any number of ranks and under any sharding plan: DCP reshards by
@@ -12,8 +14,13 @@ unsharded module in one process (e.g. for export or serving).
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -22,20 +29,54 @@ from torch import nn
 from recsys.errors import CheckpointError
 
 LATEST = "latest.json"
+META = "recsys_meta.json"  # inside each epoch folder: {"epoch", "meta"}
+_EPOCH = re.compile(r"epoch_(\d+)")
+logger = logging.getLogger(__name__)
 
 
 def save(directory: str | Path, epoch: int, state: dict, meta: dict | None = None, keep: int = 2) -> Path:
     """Saves ``state`` (tensors, sharded tensors, nested dicts) as the checkpoint after ``epoch``."""
     directory = Path(directory)
     target = directory / f"epoch_{epoch:04d}"
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if main and target.exists():  # left by a save that died, or the broken epoch a resume fell back past
+        shutil.rmtree(target)
+    if dist.is_initialized():
+        dist.barrier()
     dcp.save(state, checkpoint_id=str(target))
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        (directory / LATEST).write_text(json.dumps({"epoch": epoch, "path": target.name, "meta": meta or {}}))
-        for old in sorted(directory.glob("epoch_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    if main:
+        write_atomic(target / META, json.dumps({"epoch": epoch, "meta": meta or {}}))
+        write_atomic(directory / LATEST, json.dumps({"epoch": epoch, "path": target.name, "meta": meta or {}}))
+        for old in sorted(_epoch_dirs(directory))[:-keep]:
+            shutil.rmtree(old[1], ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return target
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a synced temporary file in the same folder: readers see the old
+    file or the new one, never a part."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    try:  # the rename itself survives a power loss only once the folder is synced
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass  # not supported on this file system
+    finally:
+        os.close(folder)
 
 
 def clear(directory: str | Path) -> None:
@@ -43,22 +84,88 @@ def clear(directory: str | Path) -> None:
     directory = Path(directory)
     if not dist.is_initialized() or dist.get_rank() == 0:
         (directory / LATEST).unlink(missing_ok=True)
+        for leftover in directory.glob(f".{LATEST}.*.tmp"):  # of a save killed while writing the pointer
+            leftover.unlink(missing_ok=True)
         for old in directory.glob("epoch_*"):
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
 
 
-def latest(directory: str | Path) -> dict | None:
-    """{"epoch", "path", "meta"} of the last complete checkpoint, or None."""
-    pointer = Path(directory) / LATEST
-    if not pointer.is_file():
-        return None
-    info = json.loads(pointer.read_text())
-    info["path"] = Path(directory) / info["path"]
-    if not info["path"].is_dir():
-        raise CheckpointError(f"{pointer} points to {info['path']}, which does not exist")
-    return info
+def candidates(directory: str | Path, warn: bool = True) -> Iterator[dict]:
+    """{"epoch", "path", "meta"} of each complete checkpoint in ``directory``, newest first.
+
+    The pointer's checkpoint comes first, then older epoch folders holding DCP's ``.metadata`` and
+    ``recsys_meta.json``; with an unreadable pointer, every such folder. Whatever is skipped is logged
+    as a warning (unless ``warn=False``).
+
+    Raises:
+        CheckpointError: ``directory`` holds a pointer or epoch folders but no complete checkpoint.
+    """
+    directory = Path(directory)
+    say = logger.warning if warn else lambda *args: None
+    pointer, pointed, skipped = directory / LATEST, None, []
+    if pointer.is_file():
+        try:
+            info = _read(pointer, {"epoch": int, "path": str, "meta": dict})
+            info["path"] = directory / info["path"]
+            if not (info["path"] / ".metadata").is_file():
+                raise CheckpointError(f"{pointer} points to {info['path']}, which is missing or incomplete")
+        except CheckpointError as error:
+            skipped.append(str(error))
+            say("%s; falling back to the newest complete epoch folder in %s", error, directory)
+        else:
+            pointed = info["epoch"]
+            yield info
+    found = pointed is not None
+    for epoch, path in sorted(_epoch_dirs(directory), reverse=True):
+        if pointed is not None and epoch >= pointed:
+            continue  # the pointer's, or a newer one whose save was interrupted before the pointer moved
+        try:
+            for name in (".metadata", META):
+                if not (path / name).is_file():
+                    raise CheckpointError(f"{path / name} is missing")
+            info = _read(path / META, {"epoch": int, "meta": dict})
+        except CheckpointError as error:
+            skipped.append(str(error))
+            say("skipping checkpoint %s: %s", path, error)
+            continue
+        found = True
+        yield {"epoch": info["epoch"], "path": path, "meta": info["meta"]}
+    if not found and skipped:
+        raise CheckpointError(f"{directory} holds no complete checkpoint: {'; '.join(skipped)}")
+
+
+def latest(directory: str | Path, warn: bool = True) -> dict | None:
+    """{"epoch", "path", "meta"} of the newest complete checkpoint, or None when ``directory`` holds none.
+
+    Raises:
+        CheckpointError: there are checkpoint files, but none complete.
+    """
+    return next(candidates(directory, warn), None)
+
+
+def restore_latest(directory: str | Path, state: dict) -> dict | None:
+    """Loads the newest checkpoint that loads into ``state`` in place; returns its info, or None when
+    ``directory`` holds no checkpoint. A checkpoint that fails to load (e.g. a missing shard) is skipped
+    with a warning; on several ranks the failure is raised on every rank, so all skip the same ones.
+
+    Raises:
+        CheckpointError: there are checkpoints, but none loads.
+    """
+    failures = []
+    for info in candidates(directory):
+        try:
+            load(info["path"], state)
+        except CheckpointError as error:
+            failures.append(str(error))
+            logger.warning("skipping checkpoint %s (epoch %d): %s; trying the next older one", info["path"],
+                           info["epoch"], error)
+            continue
+        return info
+    if failures:
+        raise CheckpointError(f"{directory} holds no checkpoint that loads: {'; '.join(failures)}")
+    return None
 
 
 def load(path: str | Path, state: dict) -> None:
@@ -90,3 +197,19 @@ def load_module(path: str | Path, module: nn.Module, key: str = "model") -> None
     state = {key: module.state_dict()}
     load(path, state)
     module.load_state_dict(state[key])
+
+
+def _epoch_dirs(directory: Path) -> list[tuple[int, Path]]:
+    return [(int(m.group(1)), p) for p in directory.glob("epoch_*") if (m := _EPOCH.fullmatch(p.name)) and p.is_dir()]
+
+
+def _read(path: Path, fields: dict[str, type]) -> dict:
+    """The JSON object in ``path``, checked to have ``fields`` of their types."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is unreadable ({type(error).__name__}: {error})") from error
+    if not isinstance(info, dict) or any(not isinstance(info.get(k), t) for k, t in fields.items()):
+        expected = ", ".join(f"{k}: {t.__name__}" for k, t in fields.items())
+        raise CheckpointError(f"{path} is not a checkpoint record: expected {{{expected}}}, found {info!r:.200}")
+    return info

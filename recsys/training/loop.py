@@ -133,8 +133,17 @@ def evaluate_ctr(model: Trainable, data: PreparedData, split: str, batch_size: i
 
 
 def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
-        log: Callable[[dict[str, float], int], None] = lambda metrics, step: None) -> dict[str, float]:
+        log: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
+        meta: dict | None = None) -> dict[str, float]:
     """Trains for ``cfg.epochs`` (resuming if asked), checkpoints each epoch, returns test metrics.
+
+    Args:
+        model: what is trained.
+        data: the prepared dataset.
+        cfg: the loop's settings.
+        log: called with each epoch's metrics and the epoch index (e.g. ``Run.log_metrics``).
+        meta: JSON-serialisable entries stored with every checkpoint (e.g. the MLflow run id), read back by
+            ``checkpoint.latest(cfg.checkpoint_dir)["meta"]``.
 
     Example:
         >>> metrics = fit(task, PreparedData.open("data/prepared/ml100k"), TrainerConfig(epochs=5))  # doctest: +SKIP
@@ -149,8 +158,7 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
     if not cfg.resume:
         checkpoint.clear(directory)
         checkpoint.clear(directory / BEST)
-    elif info := checkpoint.latest(directory):
-        _restore(model, info["path"])
+    elif info := _resume(model, directory):
         start = info["epoch"] + 1
         progress |= info["meta"].get("early_stopping", {})
         logger.info("resumed from %s (epoch %d of %d done)", info["path"], start, cfg.epochs)
@@ -171,7 +179,8 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
             if cfg.early_stopping is not None:
                 _track(model, cfg, directory / BEST, epoch, valid, progress)
         log(metrics, epoch)
-        checkpoint.save(directory, epoch, model.state(), meta={"early_stopping": progress}, keep=cfg.keep_checkpoints)
+        checkpoint.save(directory, epoch, model.state(), meta={**(meta or {}), "early_stopping": progress},
+                        keep=cfg.keep_checkpoints)
         if cfg.early_stopping is not None and progress["stale"] >= cfg.patience:
             logger.info("early stopping after epoch %d: valid %s did not improve on %.5f (epoch %d) for %d evaluations",
                         epoch + 1, cfg.early_stopping, progress["best"], progress["best_epoch"] + 1, cfg.patience)
@@ -181,6 +190,14 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
         log({f"best_valid_{cfg.early_stopping}": progress["best"], "best_epoch": progress["best_epoch"]},
             progress["best_epoch"])
     return evaluate(model, data, "test", cfg.eval_ks, cfg.eval_batch_size)
+
+
+def _resume(model: Trainable, directory: Path) -> dict | None:
+    """Loads the newest checkpoint of ``directory`` that loads (older ones when it does not); returns its info."""
+    state = model.state()
+    if info := checkpoint.restore_latest(directory, state):
+        model.load_state(state)
+    return info
 
 
 def _restore(model: Trainable, path: Path) -> None:
