@@ -108,6 +108,26 @@ class EmbeddingContract:
         emb = self.method()
         assert sum(emb.memory().values()) == tensor_bytes_of(emb)
 
+    @pytest.mark.parametrize("whole_tables", [True, False], ids=["rows_scored_once", "rows_gathered_per_chunk"])
+    def test_items_score_from_the_stored_tables_as_the_decoded_vectors(self, whole_tables, monkeypatch):
+        """Inner products from the stored form (``item_scores``) == queries . the vectors the collection looks up."""
+        import recsys.embeddings.base
+
+        monkeypatch.setattr(recsys.embeddings.base, "PRECOMPUTED_SCORES", 1 << 30 if whole_tables else 0)
+        emb = self.method().eval()
+        with torch.no_grad():
+            for module in emb.lookups():  # rows of several magnitudes, so a wrong gather cannot hide
+                for weight in module.state_dict().values():
+                    weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(7)))
+            ids = torch.arange(N)
+            decoded = emb(KeyedJaggedTensor.from_lengths_sync(["item"], ids, torch.ones(N, dtype=torch.int32)))["item"]
+            queries = torch.randn(3, D, generator=torch.Generator().manual_seed(8))
+            chunks = list(emb.item_scores("item", queries, chunk=23))
+        widths = [scores.shape[1] for _, scores in chunks]
+        assert [start for start, _ in chunks] == [sum(widths[:i]) for i in range(len(chunks))]  # consecutive blocks
+        got = torch.cat([scores for _, scores in chunks], dim=1)
+        torch.testing.assert_close(got, queries @ decoded.T, rtol=1e-4, atol=1e-4)
+
     def test_no_compression_setting_reproduces_the_full_table(self):
         setting = self.uncompressed(specs()[0])
         if setting is None:

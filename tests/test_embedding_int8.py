@@ -291,3 +291,15 @@ def test_unknown_dtype_is_a_config_error(emb, dtype):
 def test_only_collections_are_quantized():
     with pytest.raises(ConfigError, match="expected a CompressedEmbeddings, got Linear"):
         quantize_tables(torch.nn.Linear(2, 2), "int8")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp16"])
+def test_quantized_items_score_as_their_looked_up_vectors(emb, dtype):
+    quantized = quantize_tables(emb, dtype)
+    table = next(s for s in quantized.specs.values() if s.pooling != "none")
+    ids = torch.arange(table.num_embeddings)
+    feature = table.feature_names[0]
+    vectors = quantized(KeyedJaggedTensor.from_lengths_sync([feature], ids, torch.ones(len(ids), dtype=torch.int32)))
+    queries = torch.randn(2, table.dim, generator=torch.Generator().manual_seed(0))
+    got = torch.cat([scores for _, scores in quantized.item_scores(table.name, queries, chunk=10)], dim=1)
+    torch.testing.assert_close(got, queries @ vectors[feature].float().T)

@@ -6,13 +6,18 @@ the S looked-up vectors into one D-dimensional vector. When the combiner is *add
 of per-stream linear maps, e.g. sum, concat or projections), it commutes with sum pooling and
 the collection pools inside FBGEMM's kernels; otherwise ids are looked up one by one, combined,
 then pooled.
+
+Items are scored in their stored form (``item_scores``): for an additive combiner, the inner product of a
+query q with an id's vector is a sum over its streams of ``u_s . row_s`` with ``u_s`` the combiner's adjoint
+applied to q (``stream_queries``), so every stored row is scored once and the ids gather their rows' scores;
+other combiners decode ids chunk by chunk.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -66,6 +71,48 @@ class Method(nn.Module, ABC):
         single ids and ``ids`` holds them.
         """
 
+    def stream_queries(self, queries: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per stream s, the (B, d_s) vectors u_s with ``q . combine(parts) = sum_s u_s . parts[s]`` for (B, D)
+        queries q (the combiner's adjoint), or None when the combiner is not linear in the parts."""
+        return None
+
+    def decode(self, ids: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        """(n,) ids -> (n, D) vectors from the plain tables' rows ``weights`` (``plain_tables`` order), as the
+        collection looks up single ids."""
+        parts = [_rows(weights[t], stream) for stream, t in zip(self.transform(ids), self.stream_tables())]
+        return self.combine(parts, ids)
+
+    def item_scores(self, queries: torch.Tensor, weights: list[torch.Tensor], chunk: int = 65536
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Inner products of (B, D) ``queries`` with every id's vector, computed from the stored rows: yields
+        ``(start, (B, n) scores of ids start .. start + n - 1)`` for consecutive chunks of at most ``chunk`` ids.
+
+        With ``stream_queries``, each stream scores its table's rows once (or, when B x rows is large, the rows its
+        ids read, chunk by chunk) and the ids sum their rows' scores; otherwise a chunk of ids is decoded (n x D).
+
+        Args:
+            queries: (B, D) query vectors.
+            weights: rows of each plain table, in ``plain_tables`` order.
+            chunk: ids per yielded block.
+        """
+        adjoint = self.stream_queries(queries)
+        n = self.spec.num_embeddings
+        if adjoint is None:
+            for start in range(0, n, chunk):
+                yield start, queries @ self.decode(torch.arange(start, min(start + chunk, n)), weights).T
+            return
+        rows = [weights[t] for t in self.stream_tables()]
+        scored = [u @ r.T if u.shape[0] * r.shape[0] <= PRECOMPUTED_SCORES else None for u, r in zip(adjoint, rows)]
+        for start in range(0, n, chunk):
+            ids = torch.arange(start, min(start + chunk, n))
+            total = queries.new_zeros(queries.shape[0], len(ids))
+            for stream, u, r, s in zip(self.transform(ids), adjoint, rows, scored):
+                valid = stream >= 0
+                picked = stream.clamp(min=0)
+                part = s[:, picked] if s is not None else u @ r[picked].T
+                total += part if bool(valid.all()) else part * valid
+            yield start, total
+
     def initial_weights(self) -> dict[str, torch.Tensor]:
         """Starting rows of some plain tables, by suffix (e.g. k-means codebooks); others start uniform."""
         return {}
@@ -83,6 +130,16 @@ class Method(nn.Module, ABC):
     def extra_memory(self) -> int:
         """Total bytes held besides the plain tables."""
         return sum(self.extra_memory_parts().values())
+
+
+PRECOMPUTED_SCORES = 1 << 22  # B x rows below this: score a stream's whole table at once (16 MiB of float32)
+
+
+def _rows(table: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+    """Rows of ``table`` at ``stream`` ids, zero where the stream has no lookup (-1)."""
+    valid = stream >= 0
+    rows = table[stream.clamp(min=0)]
+    return rows if bool(valid.all()) else rows * valid.unsqueeze(1).to(rows.dtype)
 
 
 class Compression(ABC):

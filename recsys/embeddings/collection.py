@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -123,6 +123,28 @@ class CompressedEmbeddings(nn.Module):
                 if key.endswith(f".{table}.weight"):
                     return value
         raise ConfigError(f"no plain table '{table}'")
+
+    def item_scores(self, table: str, queries: torch.Tensor, chunk: int = 65536) -> Iterator[tuple[int, torch.Tensor]]:
+        """Inner products of (B, D) ``queries`` with every row of logical table ``table``, from the tables as stored
+        (``Method.item_scores``): yields ``(start, (B, n) scores)`` for consecutive chunks of ids. Quantized tables
+        (int8/int4/fp16 rows) are looked up and scored chunk by chunk.
+
+        Example:
+            >>> emb = CompressedEmbeddings([TableSpec("item", 100, 8, ("item",))])
+            >>> torch.cat([s for _, s in emb.item_scores("item", torch.ones(2, 8), chunk=30)], dim=1).shape
+            torch.Size([2, 100])
+        """
+        method = self.methods[table]
+        weights = [self.plain_weight(f"{table}__{t.suffix}") for t in method.plain_tables()]
+        if all(w.dtype.is_floating_point and w.dtype != torch.float16 for w in weights):
+            yield from method.item_scores(queries.to(weights[0].dtype), weights, chunk)
+            return
+        feature, n = self.specs[table].feature_names[0], self.specs[table].num_embeddings
+        for start in range(0, n, chunk):
+            ids = torch.arange(start, min(start + chunk, n))
+            lengths = torch.ones(len(ids), dtype=torch.int32)
+            vectors = self(KeyedJaggedTensor.from_lengths_sync([feature], ids, lengths))[feature]
+            yield start, queries @ vectors.float().T
 
     @property
     def feature_names(self) -> list[str]:

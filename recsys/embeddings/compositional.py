@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import reduce
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -87,6 +87,28 @@ class CompositionalTables(Method):
         if self.combiner == "add":
             return reduce(torch.add, parts)
         return torch.cat(parts, dim=1)
+
+    def stream_queries(self, queries: torch.Tensor) -> list[torch.Tensor] | None:
+        if self.combiner == "add":
+            return [queries] * len(self.rows)
+        return list(queries.split(self.dims, dim=1)) if self.combiner == "concat" else None
+
+    def item_scores(self, queries: torch.Tensor, weights: list[torch.Tensor], chunk: int = 65536
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Two tables combined by product are scored factorized: an id ``a m + b`` (high digit a, low digit b)
+        scores ``(q * f_hi(H[a])) . f_lo(L[b])`` with f = identity for stream 0 and 1 + x for the others, so a
+        block of high digits costs one (B, a, D) x (D, m) product and no id is decoded."""
+        if self.combiner != "mult" or len(self.rows) != 2:
+            yield from super().item_scores(queries, weights, chunk)
+            return
+        low, high = sorted(range(2), key=lambda s: self.divisors[s])
+        factor = [weights[0], 1 + weights[1]]
+        low_rows, n, m = factor[low], self.spec.num_embeddings, self.divisors[high]
+        step = max(1, chunk // m)
+        for a in range(0, self.rows[high], step):
+            block = queries.unsqueeze(1) * factor[high][a:a + step].unsqueeze(0)  # (B, a, D)
+            scores = (block @ low_rows.T).flatten(1)  # ids a m + b in order
+            yield a * m, scores[:, :n - a * m]
 
 
 def part_dims(dim: int, parts: int, combiner: str) -> list[int]:

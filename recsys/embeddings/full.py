@@ -33,6 +33,9 @@ class FullTable(Method):
     def combine(self, parts: list[torch.Tensor], ids: torch.Tensor | None) -> torch.Tensor:
         return parts[0]
 
+    def stream_queries(self, queries: torch.Tensor) -> list[torch.Tensor]:
+        return [queries]
+
 
 @dataclass
 class Full(Compression):

@@ -44,6 +44,9 @@ class GraphHashTable(Method):
     def combine(self, parts: list[torch.Tensor], ids: torch.Tensor | None) -> torch.Tensor:
         return parts[0]
 
+    def stream_queries(self, queries: torch.Tensor) -> list[torch.Tensor]:
+        return [queries]
+
 
 @dataclass
 class GraphHash(Compression):

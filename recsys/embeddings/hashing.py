@@ -210,6 +210,9 @@ class HashedTables(Method):
     def combine(self, parts: list[torch.Tensor], ids: torch.Tensor | None) -> torch.Tensor:
         return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
 
+    def stream_queries(self, queries: torch.Tensor) -> list[torch.Tensor] | None:
+        return [queries] * self.k
+
 
 class HashEmbeddingTables(HashedTables):
     """Hash Embeddings (Svenstrup et al. 2017): ``sum_j p_id[j] * E_j[h_j(id)]``.
@@ -270,6 +273,9 @@ class HashEmbeddingTables(HashedTables):
         components = torch.stack(parts[:self.k], dim=1)                              # (n, k, D)
         return (weights.unsqueeze(2) * components).sum(1)
 
+    def stream_queries(self, queries: torch.Tensor) -> None:
+        return None  # the importance weights multiply the components: decoded per id
+
 
 class FrequencyHashedTables(Method):
     """The ``private`` most frequent ids keep their own rows; all others share hashed rows.
@@ -327,6 +333,9 @@ class FrequencyHashedTables(Method):
 
     def combine(self, parts: list[torch.Tensor], ids: torch.Tensor | None) -> torch.Tensor:
         return parts[0] + parts[1] if len(parts) > 1 else parts[0]
+
+    def stream_queries(self, queries: torch.Tensor) -> list[torch.Tensor]:
+        return [queries] * len(self.stream_tables())
 
 
 # ----------------------------------------------------------------------------- configs

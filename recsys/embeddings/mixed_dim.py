@@ -90,6 +90,10 @@ class MixedDimensionTables(Method):
             out = out + projection(part)
         return out
 
+    def stream_queries(self, queries: torch.Tensor) -> list[torch.Tensor]:
+        """q . (P_i e) = (q P_i) . e: each block scores its narrow rows with the query projected back."""
+        return [queries if isinstance(p, nn.Identity) else queries @ p.weight for p in self.projections]
+
 
 def power_rule_dims(scale, ratios: np.ndarray, multiple: int = 1, cap: int | None = None) -> np.ndarray:
     """``round(scale * ratio_i)`` per block, to the nearest multiple of ``multiple`` (half to even),

@@ -264,6 +264,10 @@ class ProductQuantizedTable(Method):
     def combine(self, parts: list[torch.Tensor], ids: torch.Tensor | None) -> torch.Tensor:
         return torch.cat(parts, dim=1)
 
+    def stream_queries(self, queries: torch.Tensor) -> list[torch.Tensor]:
+        """Each subspace's slice of the query scores its codebook (a lookup table of B x K inner products)."""
+        return list(queries.split(self.spec.dim // self.subspaces, dim=1))
+
 
 def _as_codes(codes, field_name: str = "codes") -> torch.Tensor:
     codes = torch.as_tensor(codes)
