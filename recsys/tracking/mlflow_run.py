@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +32,31 @@ def flatten(config: Mapping, prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)[:6000]
     return flat
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived while a run was active (raised in the main thread; exits with status 128 + 15)."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turns SIGTERM into :class:`Terminated` in the main thread, so ``finally`` blocks run; restores the previous
+    handler afterwards (and at the first SIGTERM, so a second one acts as before). Elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.SIG_DFL if previous is None else previous  # None: installed outside Python
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, previous)
+        raise Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Run:
@@ -94,15 +121,28 @@ class Tracker:
 
     @contextmanager
     def start(self, run_name: str | None, config: Mapping, tags: Mapping[str, str] | None = None) -> Iterator[Run]:
-        """Starts a run with the flattened ``config`` as params and the full config as an artifact."""
+        """Starts a run with the flattened ``config`` as params and the full config as an artifact.
+
+        The run ends ``FINISHED``; ``KILLED`` on SIGTERM (see :class:`Terminated`) or Ctrl-C; ``FAILED`` on any
+        other exception, which is re-raised.
+        """
         if dist.is_initialized() and dist.get_rank() != 0:
             yield Run(active=False)
             return
-        began = time.perf_counter()
-        with mlflow.start_run(experiment_id=self.experiment_id(), run_name=run_name):
-            run = Run(active=True)
-            run.log_params(config)
-            run.log_dict(dict(config), "config.yaml")
-            run.set_tags(tags or {})
-            yield run
-            run.log_metrics({"wall_seconds": time.perf_counter() - began})
+        began, status = time.perf_counter(), "FAILED"
+        with _sigterm_raises():
+            try:
+                mlflow.start_run(experiment_id=self.experiment_id(), run_name=run_name)
+                run = Run(active=True)
+                run.log_params(config)
+                run.log_dict(dict(config), "config.yaml")
+                run.set_tags(tags or {})
+                yield run
+                run.log_metrics({"wall_seconds": time.perf_counter() - began})
+                status = "FINISHED"
+            except (Terminated, KeyboardInterrupt):
+                status = "KILLED"
+                raise
+            finally:
+                if mlflow.active_run() is not None:
+                    mlflow.end_run(status)
