@@ -3,6 +3,7 @@
 On several ranks: ``torchrun --nproc_per_node=2 -m pipelines.train trainer.distributed=true ...``
 (rank 0 prepares the data and logs the MLflow run; every rank trains its share and evaluates).
 From Python: ``train("data=ml100k", "model=ease")`` does the same as the command line.
+With ``trainer.resume=true`` the MLflow run stored with the checkpoint is continued (metrics keep their epoch steps).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from pipelines.config import compose_run
 from pipelines.prepare import ensure_prepared
 from recsys.evaluation import ClickRate, PopularityScorer
+from recsys.errors import CheckpointError
 from recsys.inference.export import package_model
 from recsys.tracking.registry import log_package
+from recsys.training import checkpoint
 from recsys.training.distributed import init_process_group, is_main, launched, main_first
 from recsys.training.loop import evaluate, fit
 
@@ -41,13 +44,14 @@ def run(cfg: DictConfig) -> dict:
         data = ensure_prepared(cfg.data)
     tracker = instantiate(cfg.tracking)
     config = OmegaConf.to_container(cfg, resolve=True)
-    with tracker.start(cfg.run_name, config, tags={"model": cfg.model.name, "data": cfg.data.name}) as mlrun:
+    with tracker.start(cfg.run_name, config, tags={"model": cfg.model.name, "data": cfg.data.name},
+                       run_id=resumed_run_id(trainer)) as mlrun:
         mlrun.log_dict(data.manifest, "data_manifest.json")
         reference = ClickRate.of_split(data.path("train")) if data.kind == "ctr" else PopularityScorer(data.matrix("train"))
         baseline = evaluate(reference, data, "test", trainer.eval_ks, trainer.eval_batch_size)
         mlrun.log_metrics(baseline, prefix="popularity_" if data.kind != "ctr" else "click_rate_")
         model = build_model(cfg, data, trainer)
-        metrics = fit(model, data, trainer, log=mlrun.log_metrics)
+        metrics = fit(model, data, trainer, log=mlrun.log_metrics, meta={"mlflow_run_id": mlrun.id} if mlrun.id else None)
         memory = model.memory()
         mlrun.log_metrics(metrics, prefix="test_")
         mlrun.log_metrics({**memory, "total": sum(memory.values())}, prefix="table_bytes_")
@@ -60,6 +64,17 @@ def run(cfg: DictConfig) -> dict:
                 model_uri = log_package(package)["model_uri"]
     return {"metrics": metrics, "baseline": baseline, "memory": memory, "run_id": mlrun.id,
             "tracking_uri": tracker.uri, "model_uri": model_uri, "model": model}
+
+
+def resumed_run_id(trainer) -> str | None:
+    """The MLflow run id stored with the newest checkpoint when ``trainer.resume`` is set, else None."""
+    if not trainer.resume:
+        return None
+    try:
+        info = checkpoint.latest(trainer.checkpoint_dir, warn=False)
+    except CheckpointError:
+        return None  # fit() reports it
+    return info["meta"].get("mlflow_run_id") if info else None
 
 
 def train(*overrides: str) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import signal
 import threading
@@ -12,8 +14,10 @@ from typing import Iterator, Mapping
 
 import mlflow
 import torch.distributed as dist
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+logger = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^0-9A-Za-z_\-. /]")
 
 
@@ -120,8 +124,13 @@ class Tracker:
         return client.create_experiment(self.experiment, artifact_location=location)
 
     @contextmanager
-    def start(self, run_name: str | None, config: Mapping, tags: Mapping[str, str] | None = None) -> Iterator[Run]:
+    def start(self, run_name: str | None, config: Mapping, tags: Mapping[str, str] | None = None,
+              run_id: str | None = None) -> Iterator[Run]:
         """Starts a run with the flattened ``config`` as params and the full config as an artifact.
+
+        With ``run_id`` (a resumed training), continues that run: params it has not logged yet are logged, the
+        changed ones (e.g. ``trainer.epochs``) go to the tag ``resumed_with`` as JSON, since MLflow keeps a param's
+        first value. When that run is gone from the store, a new run is tagged ``resumed_from=<run_id>``.
 
         The run ends ``FINISHED``; ``KILLED`` on SIGTERM (see :class:`Terminated`) or Ctrl-C; ``FAILED`` on any
         other exception, which is re-raised.
@@ -132,11 +141,22 @@ class Tracker:
         began, status = time.perf_counter(), "FAILED"
         with _sigterm_raises():
             try:
-                mlflow.start_run(experiment_id=self.experiment_id(), run_name=run_name)
-                run = Run(active=True)
-                run.log_params(config)
-                run.log_dict(dict(config), "config.yaml")
-                run.set_tags(tags or {})
+                experiment_id = self.experiment_id()
+                previous = self._continuable(run_id, experiment_id) if run_id else None
+                if previous is None:
+                    mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+                    run = Run(active=True)
+                    run.log_params(config)
+                    run.log_dict(dict(config), "config.yaml")
+                    run.set_tags({**({"resumed_from": run_id} if run_id else {}), **(tags or {})})
+                else:
+                    mlflow.start_run(run_id=run_id)
+                    run = Run(active=True)
+                    logged, flat = previous.data.params, flatten(config)
+                    if new := {k: v for k, v in flat.items() if k not in logged}:
+                        mlflow.log_params(new)
+                    changed = {k: v for k, v in flat.items() if k in logged and logged[k] != v}
+                    run.set_tags({**({"resumed_with": json.dumps(changed)[:5000]} if changed else {}), **(tags or {})})
                 yield run
                 run.log_metrics({"wall_seconds": time.perf_counter() - began})
                 status = "FINISHED"
@@ -146,3 +166,18 @@ class Tracker:
             finally:
                 if mlflow.active_run() is not None:
                     mlflow.end_run(status)
+
+    def _continuable(self, run_id: str, experiment_id: str):
+        """The MLflow run ``run_id`` if this experiment holds it (not deleted), else None with a warning."""
+        try:
+            found = MlflowClient(self.uri).get_run(run_id)
+        except MlflowException as error:
+            logger.warning("cannot continue MLflow run %s (%s): starting a new run tagged resumed_from", run_id,
+                           error.message)
+            return None
+        if found.info.lifecycle_stage == "deleted" or found.info.experiment_id != experiment_id:
+            logger.warning("cannot continue MLflow run %s: it is %s; starting a new run tagged resumed_from", run_id,
+                           "deleted" if found.info.lifecycle_stage == "deleted"
+                           else f"in experiment {found.info.experiment_id}, not {self.experiment!r} ({experiment_id})")
+            return None
+        return found
