@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse, Response
 
 from recsys.inference.scorers import CTRScorer
 from serving import queries
-from serving.errors import LoadFailed, NotReady, ReloadBusy, WrongModel, install_handlers
+from serving.admin import ReloadPacer, admin_guard
+from serving.errors import LoadFailed, NotReady, ReloadBusy, TooEarly, WrongModel, install_handlers
 from serving.limits import BodyLimit
 from serving.metrics import CONTENT_TYPE, Metrics, RecordRequests
 from serving.model_source import LoadedModel, ModelHolder, load_model
@@ -23,10 +24,11 @@ log = logging.getLogger("serving")
 
 def create_app(settings: ServingSettings, loader=load_model) -> FastAPI:
     """The serving app of ``settings``. The model loads in a worker thread once the app starts (``/readyz`` answers
-    503 until then); ``POST /admin/reload`` loads it again (e.g. the new champion) and swaps it in.
+    503 until then); ``POST /admin/reload`` loads it again (e.g. the new champion) and swaps it in. Admin calls are
+    guarded as ``serving.admin`` says (a bearer token, or loopback only) and paced by ``settings.min_reload_interval``.
 
     Args:
-        settings: the model to serve and the request bounds.
+        settings: the model to serve, the request bounds, the admin token and whether to serve the API docs.
         loader: ``settings -> LoadedModel``; ``load_model`` resolves and loads ``settings.model_uri``.
 
     Example:
@@ -52,7 +54,9 @@ def create_app(settings: ServingSettings, loader=load_model) -> FastAPI:
         yield
         task.cancel()
 
-    app = FastAPI(title="recsys serving", lifespan=lifespan)
+    docs = settings.docs  # /docs, /redoc and /openapi.json, or none of them
+    app = FastAPI(title="recsys serving", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.holder, app.state.metrics, app.state.settings = holder, metrics, settings
     install_handlers(app)
 
@@ -108,10 +112,21 @@ def create_app(settings: ServingSettings, loader=load_model) -> FastAPI:
         """Prometheus metrics (text exposition format)."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/admin/reload")
+    pacer = ReloadPacer(settings.min_reload_interval)
+
+    @app.post("/admin/reload", dependencies=[admin_guard(settings)])
     async def reload():
         """Loads ``settings.model_uri`` again (e.g. a new champion) in a worker thread, then swaps it in; requests keep
-        being answered by the previous model until the swap. 409 while another reload runs."""
+        being answered by the previous model until the swap. 409 while another reload runs, 429 (with Retry-After)
+        sooner than ``min_reload_interval`` seconds after the last reload started."""
+        if holder.busy:
+            metrics.reloads.labels("busy").inc()
+            raise ReloadBusy("a reload is already running; try again when it has finished")
+        try:
+            pacer.start()
+        except TooEarly:
+            metrics.reloads.labels("too_early").inc()
+            raise
         try:
             new, previous = await load_now()
         except ReloadBusy:
@@ -132,6 +147,6 @@ def create_app(settings: ServingSettings, loader=load_model) -> FastAPI:
 def _current(holder: ModelHolder) -> LoadedModel:
     served = holder.current  # read once: this request keeps this model even if a reload swaps another in
     if served is None:
-        detail = f"the model failed to load: {holder.error}" if holder.error else "the model is still loading"
+        detail = holder.error or "the model is still loading"
         raise NotReady(f"no model is being served yet ({detail}); see GET /readyz")
     return served

@@ -2,12 +2,15 @@
 
 Client mistakes get 4xx: invalid JSON 400, a body not sent as JSON 415, a body that does not match the schema 422
 (pydantic's messages), data the model rejects (``recsys.errors.DataError`` / ``ConfigError``) 400. Anything else is
-a bug: 500, logged.
+a bug: 500, logged. Answers about the server itself (a failed load, a bug) name no internals (exception classes,
+paths, the tracking URI): the client gets a short error reference, and the log line with the details carries the same
+reference.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,10 +22,19 @@ log = logging.getLogger("serving")
 MAX_ERRORS = 20  # validation errors listed in one answer
 
 
+def error_reference() -> str:
+    """A short random id that ties a client's error answer to the server's log line with the details."""
+    return secrets.token_hex(4)
+
+
 class ServingError(Exception):
-    """An error with its HTTP status."""
+    """An error with its HTTP status and the headers of its answer."""
 
     status = 500
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.headers = headers
 
 
 class NotReady(ServingError):
@@ -55,12 +67,36 @@ class LoadFailed(ServingError):
     status = 503
 
 
-def _detail(status: int, detail) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+class Unauthorized(ServingError):
+    """An admin call without the right bearer token."""
+
+    status = 401
+
+    def __init__(self, message: str):
+        super().__init__(message, {"WWW-Authenticate": 'Bearer realm="recsys admin"'})
+
+
+class AdminDisabled(ServingError):
+    """Admin endpoints are off: the server listens beyond loopback and no admin token is set."""
+
+    status = 403
+
+
+class TooEarly(ServingError):
+    """A reload asked for before ``min_reload_interval`` has passed since the last one started."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, {"Retry-After": str(retry_after)})
+
+
+def _detail(status: int, detail, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 async def _serving_error(request: Request, error: ServingError) -> JSONResponse:
-    return _detail(error.status, str(error))
+    return _detail(error.status, str(error), error.headers)
 
 
 async def _data_error(request: Request, error: Exception) -> JSONResponse:
@@ -85,8 +121,10 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return _detail(500, f"internal error ({type(error).__name__}); see the server log")
+    reference = error_reference()
+    log.exception("unhandled error on %s %s [error %s]: %s", request.method, request.url.path, reference,
+                  type(error).__name__)
+    return _detail(500, f"internal error (error reference {reference}; the server log has the details)")
 
 
 def install_handlers(app: FastAPI) -> None:

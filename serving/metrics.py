@@ -32,8 +32,9 @@ class Metrics:
                                  "(history: an unseen user's items; popularity)", ["source"], registry=r)
         self.model = Gauge("recsys_serving_model_info", "1 for the model being served", ["name", "version", "family"],
                            registry=r)
-        self.reloads = Counter("recsys_serving_reloads", "POST /admin/reload calls by outcome (success, failure, busy)",
-                               ["outcome"], registry=r)
+        self.reloads = Counter("recsys_serving_reloads",
+                               "POST /admin/reload calls by outcome (success, failure, busy, too_early)", ["outcome"],
+                               registry=r)
 
     def serving(self, name: str, version: str, family: str) -> None:
         """Marks the model being served (the previous one's series is removed)."""

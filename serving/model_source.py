@@ -16,7 +16,7 @@ import numpy as np
 from recsys.errors import ConfigError
 from recsys.inference.scorers import CTRScorer, Recommender, load
 from recsys.tracking.registry import fetched_package
-from serving.errors import LoadFailed, ReloadBusy
+from serving.errors import LoadFailed, ReloadBusy, error_reference
 from serving.settings import ServingSettings
 
 log = logging.getLogger("serving")
@@ -73,8 +73,13 @@ class ModelHolder:
     def __init__(self, settings: ServingSettings, loader=load_model):
         self.settings, self.loader = settings, loader
         self.current: LoadedModel | None = None
-        self.error: str | None = None  # why the last load failed
+        self.error: str | None = None  # why the last load failed, as clients may read it (an error reference)
         self._reloading = threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        """A load is running."""
+        return self._reloading.locked()
 
     def reload(self) -> tuple[LoadedModel, LoadedModel | None]:
         """Loads the model (blocking: call it from a worker thread) and swaps it in; returns (new, previous).
@@ -89,13 +94,15 @@ class ModelHolder:
             try:
                 new = self.loader(self.settings)
             except Exception as error:
-                self.error = f"{type(error).__name__}: {error}"
-                if isinstance(error, ConfigError):  # a wrong URI, version or package: the message says it all
-                    log.error("loading %s failed: %s", self.settings.model_uri, error)
-                else:
-                    log.exception("loading %s failed", self.settings.model_uri)
+                # The details (exception class, tracking URI, paths) go to the log only; clients get the reference.
+                reference = error_reference()
+                log.error("loading %s failed [error %s]: %s: %s", self.settings.model_uri, reference,
+                          type(error).__name__, error,
+                          exc_info=not isinstance(error, ConfigError))  # a ConfigError's message says it all
+                self.error = f"the model could not be loaded (error reference {reference}; the server log has the details)"
                 serving = f"still serving version {self.current.version}" if self.current else "no model is loaded"
-                raise LoadFailed(f"loading {self.settings.model_uri} failed ({serving}): {self.error}") from error
+                raise LoadFailed(f"loading the model failed ({serving}): error reference {reference}; "
+                                 f"the server log has the details") from error
             previous, self.current, self.error = self.current, new, None
             log.info("serving %s version %s (%s), loaded in %.2fs", new.name, new.version, new.family, new.seconds)
             return new, previous

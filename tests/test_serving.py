@@ -2,7 +2,8 @@
 
 One server serves a tiny MF (registered as ``serving-mf`` from the session's ``registered_mf`` run), another the
 tiny DLRM. Answers are compared with brute-force computations on the trained model or the loaded package; the last
-test reloads the MF server onto a newly promoted EASE while threads keep querying it.
+test reloads the MF server onto a newly promoted EASE while threads keep querying it. Three more servers, of a model
+that fails to load, check what admin calls need and what error answers leave out (issue 14).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from recsys.inference.scorers import load
 from recsys.tracking.registry import promote, register
+from serving.settings import ADMIN_TOKEN_ENV
 from tests.conftest import ROOT, TINY_TRAIN, train_registered
 
 pytestmark = pytest.mark.integration
@@ -36,41 +38,52 @@ pytestmark = pytest.mark.integration
 NAME = "serving-mf"  # the MF server's registered model (registered_mf's tiny-mf stays as other tests expect it)
 MAX_BODY = 200_000
 STARTUP_SECONDS = 120
+TOKEN = "test-admin-token-0123456789"  # the MF server's RECSYS_ADMIN_TOKEN
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class Server:
-    """A ``python -m serving`` process on a free loopback port, its output in files under ``directory``."""
+    """A ``python -m serving`` process on a free loopback port, its output in files under ``directory``; ``token``
+    becomes its RECSYS_ADMIN_TOKEN (None: unset)."""
 
-    def __init__(self, directory: Path, *overrides: str):
+    def __init__(self, directory: Path, *overrides: str, token: str | None = None):
         directory.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.stderr_path = directory / "stderr.txt"
+        self.directory, self.stderr_path = directory, directory / "stderr.txt"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env.pop(ADMIN_TOKEN_ENV, None)
+        if token is not None:
+            env[ADMIN_TOKEN_ENV] = token
         with open(directory / "stdout.txt", "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen([sys.executable, "-m", "serving", f"port={self.port}",
                                              f"limits.max_body_bytes={MAX_BODY}", *overrides],
                                             cwd=directory, env=env, stdout=out, stderr=err)
         self.session = requests.Session()
 
-    def wait_ready(self) -> dict:
+    def wait_ready(self, status: str = "ready") -> dict:
+        """/readyz's answer once it reports ``status`` (``ready``, or ``failed`` for a model that cannot load)."""
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 pytest.fail(f"the server exited with {self.process.returncode}:\n{self.stderr()}")
             try:
                 answer = requests.get(f"{self.url}/readyz", timeout=2)
-                if answer.status_code == 200:
+                if answer.json().get("status") == status:
                     return answer.json()
                 if answer.json().get("status") == "failed":
                     pytest.fail(f"the model failed to load: {answer.json()}\n{self.stderr()}")
             except requests.ConnectionError:
                 pass
             time.sleep(0.2)
-        pytest.fail(f"the server was not ready within {STARTUP_SECONDS}s:\n{self.stderr()}")
+        pytest.fail(f"the server was not {status} within {STARTUP_SECONDS}s:\n{self.stderr()}")
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")[-4000:]
+
+    def log(self) -> str:
+        """The ``serving`` logger's lines (Hydra's log file of the run)."""
+        return "".join(p.read_text(errors="replace") for p in sorted(self.directory.glob("outputs/serving/*/*/serving.log")))
 
     def post(self, path: str, body=None, **kwargs) -> requests.Response:
         if body is not None:
@@ -114,9 +127,10 @@ def mf(registered_mf, tmp_path_factory):
     return {**registered_mf, "name": NAME, "version": version, "reference": reference}
 
 
-def _running(directory, name: str, tracking_uri: str):
+def _running(directory, name: str, tracking_uri: str, *overrides: str, token: str | None = None):
     """A ready server of ``models:/<name>@champion``, stopped when the fixture ends."""
-    server = Server(directory, f"model.uri=models:/{name}@champion", f"tracking.uri={tracking_uri}")
+    server = Server(directory, f"model.uri=models:/{name}@champion", f"tracking.uri={tracking_uri}", *overrides,
+                    token=token)
     try:
         server.wait_ready()
         yield server
@@ -126,7 +140,9 @@ def _running(directory, name: str, tracking_uri: str):
 
 @pytest.fixture(scope="module")
 def mf_server(mf, tmp_path_factory):
-    yield from _running(tmp_path_factory.mktemp("mf_server"), NAME, mf["tracking_uri"])
+    """The MF server; admin calls need ``TOKEN`` and are not paced (the reload test sends two at once)."""
+    yield from _running(tmp_path_factory.mktemp("mf_server"), NAME, mf["tracking_uri"], "admin.min_reload_interval=0",
+                        token=TOKEN)
 
 
 @pytest.fixture(scope="module")
@@ -433,6 +449,85 @@ def test_metrics_count_requests_fallbacks_and_the_model(mf_server, mf):
     assert _metric(mf_server.get("/metrics").text, "recsys_serving_requests_total", endpoint="other", status="404") >= 1
 
 
+# ---------------------------------------------------------------------------------------------------- admin
+
+
+@pytest.fixture(scope="module")
+def broken(mf, tmp_path_factory):
+    """Servers of a model that is not registered (its load fails at once), started together: ``open`` (loopback, no
+    token, reloads not paced), ``paced`` (loopback, no token, one reload per hour) and ``public`` (listening on
+    0.0.0.0 without a token, docs off). Their tracking store is the MF's, so its path is there to leak."""
+    root = tmp_path_factory.mktemp("broken")
+    common = ("model.uri=models:/no-such-model@champion", f"tracking.uri={mf['tracking_uri']}")
+    servers = {"open": Server(root / "open", *common, "admin.min_reload_interval=0"),
+               "paced": Server(root / "paced", *common, "admin.min_reload_interval=3600"),
+               "public": Server(root / "public", *common, "host=0.0.0.0", "docs=false")}
+    try:
+        for server in servers.values():
+            server.wait_ready("failed")
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def test_admin_reload_needs_the_bearer_token(mf_server):
+    for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {TOKEN}"}):
+        answer = mf_server.post("/admin/reload", headers=headers)
+        assert answer.status_code == 401, (headers, answer.text)
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "token" in answer.json()["detail"]
+    answer = mf_server.post("/admin/reload", headers=ADMIN)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["version"] == mf_server.get("/readyz").json()["model"]["version"]
+
+
+def test_admin_is_open_on_loopback_without_a_token(broken):
+    answer = broken["open"].post("/admin/reload")
+    assert answer.status_code == 503 and "loading the model failed" in answer.json()["detail"]  # reached the load
+    assert "admin endpoints are open to every local caller" in broken["open"].log()
+
+
+def test_admin_is_disabled_beyond_loopback_without_a_token(broken):
+    public = broken["public"]
+    for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
+        answer = public.post("/admin/reload", headers=headers)
+        assert answer.status_code == 403 and "admin endpoints are disabled" in answer.json()["detail"], answer.text
+    assert re.search(r"admin endpoints .* are DISABLED: the server listens on 0\.0\.0\.0.*RECSYS_ADMIN_TOKEN is not set",
+                     public.log())
+
+
+def test_reloads_are_rate_limited(broken):
+    paced = broken["paced"]
+    first, second = paced.post("/admin/reload"), paced.post("/admin/reload")
+    assert first.status_code == 503, first.text  # the load started (and failed)
+    assert second.status_code == 429 and "retry in" in second.json()["detail"], second.text
+    assert 1 <= int(second.headers["Retry-After"]) <= 3600
+
+
+def test_a_failed_load_names_no_internals_to_clients(broken, mf):
+    server = broken["open"]
+    answers = [server.post("/admin/reload"), server.get("/readyz"), server.post("/recommend", {"user_id": 1})]
+    assert [a.status_code for a in answers] == [503, 503, 503], [a.text for a in answers]
+    store = str(Path(mf["tracking_uri"].removeprefix("sqlite:///")).parent)
+    for answer in answers:
+        text = answer.text
+        assert not re.search(r"[A-Z]\w*(Error|Exception)\b", text), text
+        assert store not in text and "mlflow.db" not in text and "sqlite" not in text, text
+    references = set(re.findall(r"error reference ([0-9a-f]{8})", " ".join(a.text for a in answers)))
+    assert references, [a.text for a in answers]
+    log = server.log()
+    for reference in references:  # each reference's log line has the details
+        line = next(line for line in log.splitlines() if f"[error {reference}]" in line)
+        assert "ConfigError" in line and store in line, line
+
+
+def test_docs_can_be_turned_off(broken, mf_server):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert broken["public"].get(path).status_code == 404
+        assert mf_server.get(path).status_code == 200
+
+
 # ---------------------------------------------------------------------------------------------------- reload
 
 
@@ -467,7 +562,8 @@ def test_reload_swaps_in_the_new_champion_without_failing_a_request(mf_server, m
         t.start()
     time.sleep(0.3)
     reloads = []
-    clients = [threading.Thread(target=lambda: reloads.append(mf_server.post("/admin/reload"))) for _ in range(2)]
+    clients = [threading.Thread(target=lambda: reloads.append(mf_server.post("/admin/reload", headers=ADMIN)))
+               for _ in range(2)]
     for c in clients:
         c.start()
     for c in clients:
