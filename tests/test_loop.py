@@ -1,6 +1,12 @@
-"""The training loop: early stopping on a validation metric restores the best epoch, also across a resume."""
+"""The training loop: early stopping on a validation metric restores the best epoch, also across a resume; progress
+bars only where they redraw in place."""
 
 from __future__ import annotations
+
+import io
+import logging
+import re
+import sys
 
 import pytest
 import torch
@@ -92,3 +98,32 @@ def test_minimised_metrics_and_bad_settings(with_valid, tmp_path):
 def test_early_stopping_needs_a_validation_split(tiny_interactions, tmp_path):
     with pytest.raises(ConfigError, match="needs a validation split"):
         fit(Scheduled.__new__(Scheduled), tiny_interactions, _trainer(tmp_path))
+
+
+class Chatty(Scheduled):
+    """Scheduled, updating its progress bar as the CTR models do: a step and a loss per batch."""
+
+    def train_epoch(self, epoch, progress):
+        progress.reset(total=50)
+        for step in range(50):
+            progress.update()
+            progress.set_postfix(loss=f"{1 / (step + 1):.4f}")  # redraws the bar, however fast the loop
+        return super().train_epoch(epoch, progress) | {"loss": 0.5}
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_log_file_gets_one_progress_line_per_epoch(with_valid, tmp_path, monkeypatch, caplog, terminal):
+    stderr = Terminal() if terminal else io.StringIO()  # a CI or nohup log is not a terminal
+    monkeypatch.setattr(sys, "stderr", stderr)
+    caplog.set_level(logging.INFO, logger="recsys.training.loop")
+    fit(Chatty(with_valid), with_valid, _trainer(tmp_path, epochs=3, early_stopping=None, progress=True))
+    drawn = [line for line in re.split(r"[\r\n]", stderr.getvalue()) if "epoch" in line]
+    assert len(drawn) > 3 * 50 if terminal else not drawn, drawn[:5]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert re.match(r"epoch 1/3: loss 0.5, epoch_seconds [0-9.e-]+, valid_recall@10 [0-9.e-]+, ", lines[0]), lines[0]

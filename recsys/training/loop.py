@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
+import tqdm.auto as tqdm_auto
 from tqdm.auto import tqdm
 
 from recsys.data.batching import Batch, CTRBatcher, ParquetBatches
@@ -40,7 +42,8 @@ class TrainerConfig:
         checkpoint_dir: where per-epoch checkpoints go.
         resume: continue from the last checkpoint in checkpoint_dir.
         keep_checkpoints: how many epoch checkpoints to keep.
-        progress: show a progress bar per epoch (on rank 0 only).
+        progress: show a progress bar per epoch and log one line per finished epoch (on rank 0 only). Where
+            stderr is not a terminal (a CI or nohup log), only the line: a bar there prints thousands of lines.
         distributed: train on several ranks started by ``torchrun`` (each rank reads a disjoint
             share of the batches; the tables are sharded over the ranks by DMP).
         early_stopping: a validation metric (e.g. ``auc``, ``logloss``, ``recall@20``) to stop on, or None.
@@ -164,7 +167,8 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
         logger.info("resumed from %s (epoch %d of %d done)", info["path"], start, cfg.epochs)
     else:
         logger.warning("trainer.resume=true but %s holds no checkpoint: training from the start", directory)
-    quiet = not cfg.progress or (dist.is_initialized() and dist.get_rank() != 0)
+    report = cfg.progress and (not dist.is_initialized() or dist.get_rank() == 0)
+    quiet = not report or not _redraws()
     # On several ranks every rank evaluates (sharded lookups are collectives) and gets the same metrics.
     for epoch in range(start, cfg.epochs):
         if progress["stale"] >= cfg.patience and cfg.early_stopping is not None:
@@ -178,6 +182,8 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
             metrics |= {f"valid_{k}": v for k, v in valid.items()}
             if cfg.early_stopping is not None:
                 _track(model, cfg, directory / BEST, epoch, valid, progress)
+        if report:
+            logger.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         log(metrics, epoch)
         checkpoint.save(directory, epoch, model.state(), meta={**(meta or {}), "early_stopping": progress},
                         keep=cfg.keep_checkpoints)
@@ -190,6 +196,14 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
         log({f"best_valid_{cfg.early_stopping}": progress["best"], "best_epoch": progress["best_epoch"]},
             progress["best_epoch"])
     return evaluate(model, data, "test", cfg.eval_ks, cfg.eval_batch_size)
+
+
+def _redraws() -> bool:
+    """Whether a progress bar redraws in place: stderr is a terminal, or tqdm draws notebook widgets."""
+    if tqdm_auto.notebook_tqdm is not tqdm_auto.std_tqdm:
+        return True
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def _resume(model: Trainable, directory: Path) -> dict | None:
