@@ -113,8 +113,7 @@ def test_quantized_tables_stay_close_to_the_float_model(tmp_path):
     rows, dim = model.data.n_users + model.data.n_items, 16  # FBGEMM rows: D codes + fp16 scale and bias
     assert sum(model.memory().values()) == rows * dim * 4
     assert sizes["tables_int8"] == rows * (dim + 4) and sizes["tables_int4"] == rows * (dim // 2 + 4)
-    vectors = load_file(str(tmp_path / "serving" / "items.safetensors"))
-    torch.testing.assert_close(vectors["item_vectors"], load(package).item_vectors())
+    assert not (tmp_path / "serving" / "items.safetensors").exists()  # MF serves its tables as stored
 
 
 def test_package_errors_name_the_problem(tmp_path):

@@ -124,6 +124,7 @@ class CompressedEmbeddings(nn.Module):
                     return value
         raise ConfigError(f"no plain table '{table}'")
 
+    @torch.no_grad()
     def item_scores(self, table: str, queries: torch.Tensor, chunk: int = 65536) -> Iterator[tuple[int, torch.Tensor]]:
         """Inner products of (B, D) ``queries`` with every row of logical table ``table``, from the tables as stored
         (``Method.item_scores``): yields ``(start, (B, n) scores)`` for consecutive chunks of ids. Quantized tables

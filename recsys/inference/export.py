@@ -50,7 +50,7 @@ def package_model(model, data: PreparedData, config: dict | None = None, metrics
 
 def serving_export(package: Package, directory: str | Path, scorer: Recommender | CTRScorer | None = None
                    ) -> dict[str, int]:
-    """Writes what a server needs to ``directory``: ``items.safetensors`` (vector models: ``item_vectors`` and
+    """Writes what a server needs to ``directory``: ``items.safetensors`` (ALS: ``item_vectors`` and
     ``user_vectors``; EASE: B; NBMF: ``item_codes`` bit-packed and ``user_factors``) and, for models with
     embedding tables, ``tables_<int8|int4>.safetensors``: the state of every collection with its plain tables
     quantized by TorchRec's quantized modules. ``scorer``: the package already loaded (float tables). Returns the
@@ -63,12 +63,10 @@ def serving_export(package: Package, directory: str | Path, scorer: Recommender 
         items = dict(model)
     elif package.family == "nbmf":
         items = {"item_codes": model["item_codes"], "user_factors": model["user_factors"]}
-    elif package.family == "ctr":
-        items = {}
+    elif package.family == "als":
+        items = {"item_vectors": model["item_factors"], "user_vectors": model["user_factors"]}
     else:
-        items = {"item_vectors": scorer.item_vectors()}
-        if hasattr(scorer, "user_matrix"):
-            items["user_vectors"] = scorer.user_matrix
+        items = {}  # models with embedding tables serve them as stored (their quantized copies below)
     sizes = {}
     if items:
         sizes["items"] = _save(items, directory / "items.safetensors")

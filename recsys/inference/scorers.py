@@ -35,6 +35,7 @@ from recsys.models.mf import MatrixFactorization, mf_specs
 from recsys.models.multi_interest import HISTORY, MultiInterest, multi_interest_specs
 from recsys.models.nbmf import unpack_codes
 from recsys.retrieval import ItemIndex, multi_interest_retrieve
+from recsys.retrieval.exact import top_k
 
 SOURCES = ("model", "history", "popularity")
 CTR_BUILD = {"dim", "first_order", "multi_valued_pooling", "compress_min_rows"}  # ctr_network's plain arguments
@@ -250,6 +251,66 @@ class VectorRecommender(Recommender):
         return self.item_matrix
 
 
+class MFRecommender(Recommender):
+    """MF from its compressed tables as stored: a query's user vector is looked up when it is asked for, and items
+    are scored in their stored form chunk by chunk (``CompressedEmbeddings.item_scores``: exact, no decoded item
+    table). With an approximate FAISS ``index`` (not ``Flat``), the items are decoded once into that index.
+
+    Args:
+        package: the loaded package.
+        tables: ``float`` or ``int8``/``int4``/``fp16`` rows.
+        index: ``Flat`` (exact, from the stored tables) or a FAISS ``index_factory`` string.
+    """
+
+    family = "mf"
+
+    def __init__(self, package: Package, tables: str = "float", index: str = "Flat"):
+        super().__init__(package, index)
+        build = package.meta["build"]
+        n_users = len(self.users)
+        stats = stats_from(package, {USER: "user", ITEM: "item"}, {USER: n_users, ITEM: self.n_items})
+        specs = mf_specs(n_users, self.n_items, build["dim"])
+        self.model = MatrixFactorization(CompressedEmbeddings(specs, from_config(build["settings"], "build.settings"),
+                                                              stats))
+        self.model.load_state_dict(package.section("model"))
+        quantize(self.model.eval(), tables)
+        self.uses_index = index != "Flat"
+
+    @torch.no_grad()
+    def _bags(self, feature: str, bags: list[np.ndarray]) -> torch.Tensor:
+        """(B, D) sums of the vectors of each bag of ids."""
+        lengths = torch.tensor([len(b) for b in bags], dtype=torch.int32)
+        values = torch.from_numpy(np.concatenate([np.asarray(b, dtype=np.int64) for b in bags]))
+        return self.model(KeyedJaggedTensor.from_lengths_sync([feature], values, lengths))[feature]
+
+    def queries(self, users: torch.Tensor) -> torch.Tensor:
+        return self._bags(USER, [np.array([u]) for u in users.tolist()]).unsqueeze(1)
+
+    def history_queries(self, histories: list[np.ndarray]) -> torch.Tensor:
+        lengths = torch.tensor([max(len(h), 1) for h in histories], dtype=torch.float32)
+        return (self._bags(ITEM, histories) / lengths.unsqueeze(1)).unsqueeze(1)
+
+    def item_blocks(self, queries: torch.Tensor):
+        """(B, D) queries -> ``(start, (B, n) scores)`` blocks over every item, from the stored tables."""
+        return self.model.embeddings.item_scores(ITEM, queries)
+
+    def item_vectors(self) -> torch.Tensor:
+        """(N, D) decoded item vectors (only for an approximate FAISS index, never for exact retrieval)."""
+        return self._bags(ITEM, [np.array([i]) for i in range(self.n_items)])
+
+    def _dense(self, queries: torch.Tensor) -> torch.Tensor:
+        return torch.cat([s for _, s in self.item_blocks(queries[:, 0])], dim=1)
+
+    def similar_scores(self, items: np.ndarray) -> torch.Tensor:
+        return self._dense(self._bags(ITEM, [np.array([i]) for i in items]).unsqueeze(1))
+
+    def _top(self, source, users, histories, k, skip, allowed):
+        if source == "popularity" or self.uses_index:
+            return super()._top(source, users, histories, k, skip, allowed)
+        queries = self.queries(torch.as_tensor(users)) if source == "model" else self.history_queries(histories)
+        return top_k(self.item_blocks(queries[:, 0]), k, skip, allowed)
+
+
 class NBMFRecommender(VectorRecommender):
     """NBMF: non-negative user weights W and bit-packed binary item codes H; score w_u . h_i over every item."""
 
@@ -460,21 +521,6 @@ def lookup(vocab: Vocabulary, raw, missing: str = "oov") -> np.ndarray:
     return out
 
 
-def _mf(package: Package, tables: str, index: str) -> Recommender:
-    build = package.meta["build"]
-    users, items = package.vocabulary(USER), package.vocabulary(ITEM)
-    stats = stats_from(package, {USER: "user", ITEM: "item"}, {USER: len(users), ITEM: len(items)})
-    model = MatrixFactorization(CompressedEmbeddings(mf_specs(len(users), len(items), build["dim"]),
-                                                     from_config(build["settings"], "build.settings"), stats))
-    model.load_state_dict(package.section("model"))
-    quantize(model.eval(), tables)
-    with torch.no_grad():
-        vectors = {f: model(jagged([f], [torch.arange(n)]))[f] for f, n in ((USER, len(users)), (ITEM, len(items)))}
-    recommender = VectorRecommender(package, vectors[USER], vectors[ITEM], index)
-    recommender.family, recommender.model = "mf", model
-    return recommender
-
-
 def _als(package: Package, tables: str, index: str) -> Recommender:
     model = package.section("model")
     recommender = VectorRecommender(package, model["user_factors"], model["item_factors"], index)
@@ -490,7 +536,8 @@ def _table_free(cls):
     return build
 
 
-LOADERS = {"mf": _mf, "als": _als, "nbmf": _table_free(NBMFRecommender), "ease": _table_free(EASERecommender),
+LOADERS = {"mf": lambda p, tables, index: MFRecommender(p, tables, index), "als": _als,
+           "nbmf": _table_free(NBMFRecommender), "ease": _table_free(EASERecommender),
            "comirec": lambda p, tables, index: ComiRecRecommender(p, tables, index),
            "ctr": lambda p, tables, index: CTRScorer(p, tables)}
 

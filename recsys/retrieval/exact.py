@@ -1,0 +1,60 @@
+"""Exact top-k over scores that arrive in blocks of items, with per-query items left out.
+
+A model that scores its items in their stored form (``CompressedEmbeddings.item_scores``) yields
+``(start, (B, n) scores)`` blocks; ``top_k`` keeps the best ``k`` of each row as the blocks pass, so no
+(B, N) score matrix and no decoded item table is ever held.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+
+
+def top_k(blocks: Iterable[tuple[int, torch.Tensor]], k: int, skip: list[np.ndarray] | None = None,
+          allowed: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The ``k`` best items of each row over all blocks, best first.
+
+    Args:
+        blocks: ``(start, (B, n) scores of items start .. start + n - 1)``, consecutive or not.
+        k: items per row.
+        skip: per row, item indices never returned (e.g. seen items, OOV).
+        allowed: item indices to choose from (None: all).
+
+    Returns:
+        Per row, (item indices, float32 scores); rows with fewer than ``k`` eligible items return fewer.
+
+    Example:
+        >>> blocks = [(0, torch.tensor([[1.0, 5.0]])), (2, torch.tensor([[3.0, 4.0]]))]
+        >>> [items.tolist() for items, _ in top_k(blocks, 2, skip=[np.array([1])])]
+        [[3, 2]]
+    """
+    rows_of_skip = cols_of_skip = None
+    if skip is not None:
+        rows_of_skip = torch.from_numpy(np.repeat(np.arange(len(skip)), [len(s) for s in skip]))
+        cols_of_skip = torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in skip]
+                                                       or [np.empty(0, dtype=np.int64)]))
+    allowed_ids = None if allowed is None else torch.as_tensor(allowed, dtype=torch.long)
+    best_scores = best_items = None
+    for start, scores in blocks:
+        n = scores.shape[1]
+        scores = scores.float().clone() if cols_of_skip is not None or allowed_ids is not None else scores.float()
+        if cols_of_skip is not None:
+            inside = (cols_of_skip >= start) & (cols_of_skip < start + n)
+            scores[rows_of_skip[inside], cols_of_skip[inside] - start] = -torch.inf
+        if allowed_ids is not None:
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[allowed_ids[(allowed_ids >= start) & (allowed_ids < start + n)] - start] = True
+            scores[:, ~keep] = -torch.inf
+        values, items = scores.topk(min(k, n), dim=1)
+        items = items + start
+        if best_scores is not None:
+            values, picked = torch.cat([best_scores, values], 1).topk(min(k, best_scores.shape[1] + values.shape[1]), 1)
+            items = torch.cat([best_items, items], 1).gather(1, picked)
+        best_scores, best_items = values, items
+    if best_scores is None:
+        raise ValueError("top_k got no score blocks")
+    kept = torch.isfinite(best_scores)
+    return [(best_items[r][kept[r]].numpy(), best_scores[r][kept[r]].float().numpy()) for r in range(len(kept))]
