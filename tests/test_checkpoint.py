@@ -34,7 +34,7 @@ def test_resume_falls_back_past_a_broken_pointer_and_a_missing_shard(tiny_intera
     if pointer is not None:  # None: the pointer stays intact
         (tmp_path / checkpoint.LATEST).write_text(pointer)
     next((tmp_path / "epoch_0002").glob("*.distcp")).unlink()
-    with caplog.at_level(logging.WARNING, logger="recsys.training.checkpoint"):
+    with caplog.at_level(logging.WARNING):
         resumed = _run(tiny_interactions, tmp_path, 3, resume=True)  # from epoch_0001: epoch 2 is trained again
     assert resumed == pytest.approx(straight, rel=1e-6)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

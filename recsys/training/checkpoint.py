@@ -2,8 +2,9 @@
 
 A checkpoint directory holds ``epoch_<n>/`` (four digits) folders written by ``dcp.save`` plus a
 ``latest.json`` pointer. Each folder gets its own ``recsys_meta.json`` after DCP's ``.metadata``, and
-the pointer is replaced atomically last, so an interrupted save is never picked up. When the pointer is
-unreadable or its checkpoint does not load, :func:`restore_latest` falls back to the newest intact folder.
+the pointer is replaced atomically last, so an interrupted save is never picked up. :func:`candidates` lists
+the complete checkpoints newest first, also when the pointer is unreadable; a resume tries them in that order
+until one loads (``recsys.training.loop``).
 
 Every rank calls ``save`` and ``load`` (each writes and reads its own shards). A checkpoint
 written by W ranks loads on any number of ranks and under any sharding plan: DCP reshards by
@@ -45,38 +46,13 @@ def save(directory: str | Path, epoch: int, state: dict, meta: dict | None = Non
         dist.barrier()
     dcp.save(state, checkpoint_id=str(target))
     if main:
-        write_atomic(target / META, json.dumps({"epoch": epoch, "meta": meta or {}}))
-        write_atomic(directory / LATEST, json.dumps({"epoch": epoch, "path": target.name, "meta": meta or {}}))
+        _write_atomic(target / META, json.dumps({"epoch": epoch, "meta": meta or {}}))
+        _write_atomic(directory / LATEST, json.dumps({"epoch": epoch, "path": target.name, "meta": meta or {}}))
         for old in sorted(_epoch_dirs(directory))[:-keep]:
             shutil.rmtree(old[1], ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return target
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a synced temporary file in the same folder: readers see the old
-    file or the new one, never a part."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    try:  # the rename itself survives a power loss only once the folder is synced
-        folder = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(folder)
-    except OSError:
-        pass  # not supported on this file system
-    finally:
-        os.close(folder)
 
 
 def clear(directory: str | Path) -> None:
@@ -145,29 +121,6 @@ def latest(directory: str | Path, warn: bool = True) -> dict | None:
     return next(candidates(directory, warn), None)
 
 
-def restore_latest(directory: str | Path, state: dict) -> dict | None:
-    """Loads the newest checkpoint that loads into ``state`` in place; returns its info, or None when
-    ``directory`` holds no checkpoint. A checkpoint that fails to load (e.g. a missing shard) is skipped
-    with a warning; on several ranks the failure is raised on every rank, so all skip the same ones.
-
-    Raises:
-        CheckpointError: there are checkpoints, but none loads.
-    """
-    failures = []
-    for info in candidates(directory):
-        try:
-            load(info["path"], state)
-        except CheckpointError as error:
-            failures.append(str(error))
-            logger.warning("skipping checkpoint %s (epoch %d): %s; trying the next older one", info["path"],
-                           info["epoch"], error)
-            continue
-        return info
-    if failures:
-        raise CheckpointError(f"{directory} holds no checkpoint that loads: {'; '.join(failures)}")
-    return None
-
-
 def load(path: str | Path, state: dict) -> None:
     """Loads a checkpoint into ``state`` in place (``state`` gives the target shapes and shardings)."""
     try:
@@ -197,6 +150,31 @@ def load_module(path: str | Path, module: nn.Module, key: str = "model") -> None
     state = {key: module.state_dict()}
     load(path, state)
     module.load_state_dict(state[key])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a synced temporary file in the same folder: readers see the old
+    file or the new one, never a part."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    try:  # the rename itself survives a power loss only once the folder is synced
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass  # not supported on this file system
+    finally:
+        os.close(folder)
 
 
 def _epoch_dirs(directory: Path) -> list[tuple[int, Path]]:

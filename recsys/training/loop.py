@@ -19,7 +19,7 @@ from recsys.data.dataset import PreparedData
 from recsys.data.vocab import OOV
 from recsys.evaluation import ctr_metrics, evaluate_ranking
 from recsys.training import checkpoint
-from recsys.errors import ConfigError
+from recsys.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 MINIMISED = ("logloss", "loss")  # early-stopping metrics where lower is better
@@ -207,11 +207,26 @@ def _redraws() -> bool:
 
 
 def _resume(model: Trainable, directory: Path) -> dict | None:
-    """Loads the newest checkpoint of ``directory`` that loads (older ones when it does not); returns its info."""
-    state = model.state()
-    if info := checkpoint.restore_latest(directory, state):
-        model.load_state(state)
-    return info
+    """Loads the newest checkpoint of ``directory`` that loads into ``model``; returns its info, or None when the
+    directory holds none. One that fails to load (e.g. a missing shard) is skipped with a warning and the next older
+    one is tried; on several ranks DCP raises a load failure on every rank, so all ranks skip the same ones.
+
+    Raises:
+        CheckpointError: there are checkpoints, but none loads (naming the directory).
+    """
+    failures = []
+    for info in checkpoint.candidates(directory):
+        try:
+            _restore(model, info["path"])
+        except CheckpointError as error:
+            failures.append(str(error))
+            logger.warning("skipping checkpoint %s (epoch %d): %s; trying the next older one", info["path"],
+                           info["epoch"], error)
+            continue
+        return info
+    if failures:
+        raise CheckpointError(f"{directory} holds no checkpoint that loads: {'; '.join(failures)}")
+    return None
 
 
 def _restore(model: Trainable, path: Path) -> None:
