@@ -8,6 +8,8 @@ import logging
 import re
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -127,3 +129,28 @@ def test_a_log_file_gets_one_progress_line_per_epoch(with_valid, tmp_path, monke
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
     assert re.match(r"epoch 1/3: loss 0.5, epoch_seconds [0-9.e-]+, valid_recall@10 [0-9.e-]+, ", lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_batch_scoring_in_a_log_file_logs_one_line_per_file(tiny_interactions, tmp_path, monkeypatch, caplog, terminal):
+    from recsys.inference.batch import BatchSettings, score_parquet
+    from recsys.inference.export import package_model
+    from recsys.training.retrieval import MFRetrieval
+
+    cfg = TrainerConfig(epochs=1, batch_size=256, checkpoint_dir=str(tmp_path / "ck"), progress=False, eval_ks=[10])
+    model = MFRetrieval(tiny_interactions, cfg, dim=8)
+    fit(model, tiny_interactions, cfg)
+    package = package_model(model, tiny_interactions).save(tmp_path / "package")
+    users = pa.table({"user_id": tiny_interactions.vocab("user").ids})
+    (tmp_path / "in").mkdir()
+    for f in range(3):
+        pq.write_table(users.take(list(range(f, users.num_rows, 3))), tmp_path / "in" / f"users-{f}.parquet")
+    stderr = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    caplog.set_level(logging.INFO, logger="recsys.inference.batch")
+    score_parquet(package, tmp_path / "in", tmp_path / "out", BatchSettings(batch_size=10, progress=True))
+    drawn = [line for line in re.split(r"[\r\n]", stderr.getvalue()) if "batch score" in line]
+    assert len(drawn) > 3 if terminal else not drawn, drawn[:5]
+    lines = [r.getMessage() for r in caplog.records if "files done" in r.getMessage()]
+    assert [line.split(" (")[0] for line in lines] == ([] if terminal else [f"batch score: {n}/3 files done"
+                                                                              for n in (1, 2, 3)])

@@ -52,6 +52,7 @@ from recsys.errors import ConfigError, DataError
 from recsys.inference.predict import HISTORY_ID, USER_ID, predict_frame
 from recsys.inference.scorers import CTRScorer, Recommender, load
 from recsys.tracking.registry import fetched_package
+from recsys.training.loop import progress_redraws
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ class BatchSettings:
         tables: ``float`` (as trained) or ``int8``/``int4``/``fp16`` (quantized embedding tables).
         index: FAISS ``index_factory`` string of vector models' item index (``Flat`` = exact).
         overwrite: replace the output of a different job in the output directory instead of refusing.
-        progress: show a tqdm progress bar (rows).
+        progress: show a tqdm progress bar (rows); where stderr is not a terminal (a CI or nohup log), log one line
+            per input file instead.
     """
 
     k: int = 10
@@ -279,7 +281,8 @@ def score_parquet(model: str | Path, source: str | Path, output: str | Path, set
     settings = settings or BatchSettings()
     rank, world_size = ranks(rank, world_size)
     dataset, fragments = input_fragments(source)
-    scorer, digest = load_model(model, tracking_uri, settings.tables, settings.index, quiet=not settings.progress)
+    live = settings.progress and progress_redraws()  # elsewhere a bar prints a line per redraw
+    scorer, digest = load_model(model, tracking_uri, settings.tables, settings.index, quiet=not live)
     kind = "CTR" if isinstance(scorer, CTRScorer) else "ranking"
     to_rows = (_Probabilities if kind == "CTR" else _Ranking)(scorer, _checked_schema(dataset, fragments, scorer, settings),
                                                              settings)
@@ -300,13 +303,19 @@ def score_parquet(model: str | Path, source: str | Path, output: str | Path, set
             (out / marker).unlink(missing_ok=True)
     written = skipped = rows_out = 0
     desc = "batch score" if world_size == 1 else f"batch score (rank {rank}/{world_size})"
-    with tqdm(total=sum(rows[i] for i in mine), unit="rows", desc=desc, disable=not settings.progress,
+
+    def file_done(n: int, i: int) -> None:
+        if settings.progress and not live:  # the bar's place in a log file: one line per input file
+            log.info("%s: %d/%d files done (%s, %d rows)", desc, n, len(mine), fragments[i].path, rows[i])
+
+    with tqdm(total=sum(rows[i] for i in mine), unit="rows", desc=desc, disable=not live,
               position=rank if world_size > 1 else None) as bar:
-        for i in mine:
+        for n, i in enumerate(mine, 1):
             if all(done[i, j] is not None for j in range(chunks[i])):
                 skipped += chunks[i]
                 rows_out += sum(done[i, j] for j in range(chunks[i]))
                 bar.update(rows[i])
+                file_done(n, i)
                 continue
             names = fragments[i].physical_schema.names
             for j, chunk in enumerate(_chunks(fragments[i], to_rows.columns(names), settings.batch_size)):
@@ -321,6 +330,7 @@ def score_parquet(model: str | Path, source: str | Path, output: str | Path, set
                     written += 1
                     rows_out += table.num_rows
                 bar.update(chunk.num_rows)
+            file_done(n, i)
     complete = _finish(out, record, chunks, rank)
     summary = {"rows_in": sum(rows[i] for i in mine), "rows_out": rows_out, "parts_written": written,
                "parts_skipped": skipped, "seconds": round(time.perf_counter() - began, 3), "rank": rank,

@@ -168,7 +168,7 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
     else:
         logger.warning("trainer.resume=true but %s holds no checkpoint: training from the start", directory)
     report = cfg.progress and (not dist.is_initialized() or dist.get_rank() == 0)
-    quiet = not report or not _redraws()
+    quiet = not report or not progress_redraws()
     # On several ranks every rank evaluates (sharded lookups are collectives) and gets the same metrics.
     for epoch in range(start, cfg.epochs):
         if progress["stale"] >= cfg.patience and cfg.early_stopping is not None:
@@ -198,8 +198,9 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
     return evaluate(model, data, "test", cfg.eval_ks, cfg.eval_batch_size)
 
 
-def _redraws() -> bool:
-    """Whether a progress bar redraws in place: stderr is a terminal, or tqdm draws notebook widgets."""
+def progress_redraws() -> bool:
+    """Whether a tqdm bar redraws in place: stderr is a terminal, or tqdm draws notebook widgets. Elsewhere (a CI or
+    nohup log) each redraw is a new line, so callers log one line per step of work instead."""
     if tqdm_auto.notebook_tqdm is not tqdm_auto.std_tqdm:
         return True
     isatty = getattr(sys.stderr, "isatty", None)
