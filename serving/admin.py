@@ -36,9 +36,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def admin_guard(settings: ServingSettings):
-    """The FastAPI dependency of admin routes under ``settings``; logs (once, at start-up) how admin calls are
-    guarded. With a token it is a ``Security`` dependency, so the OpenAPI schema lists the bearer scheme."""
+def admin_guard(settings: ServingSettings) -> tuple:
+    """The FastAPI dependency of admin routes under ``settings`` and the statuses it may refuse a call with (401, 403
+    or none); logs (once, at start-up) how admin calls are guarded. With a token it is a ``Security`` dependency, so
+    the OpenAPI schema lists the bearer scheme."""
     if settings.admin_token is not None:
         token = settings.admin_token.get_secret_value().encode()
         bearer = HTTPBearer(auto_error=False, scheme_name="adminToken",
@@ -51,11 +52,11 @@ def admin_guard(settings: ServingSettings):
             if not hmac.compare_digest(credentials.credentials.encode(), token):
                 raise Unauthorized("the admin token is wrong")
 
-        return Depends(authorized)
+        return Depends(authorized), (401,)
     if is_loopback(settings.host):
         log.warning("admin endpoints are open to every local caller: %s is not set (the server listens on %s only)",
                     ADMIN_TOKEN_ENV, settings.host)
-        return Depends(lambda: None)
+        return Depends(lambda: None), ()
     log.warning("admin endpoints (POST /admin/reload) are DISABLED: the server listens on %s, beyond loopback, and %s "
                 "is not set", settings.host, ADMIN_TOKEN_ENV)
 
@@ -63,7 +64,7 @@ def admin_guard(settings: ServingSettings):
         raise AdminDisabled(f"admin endpoints are disabled on this server: it listens beyond loopback and no admin "
                             f"token is set (start it with {ADMIN_TOKEN_ENV})")
 
-    return Depends(disabled)
+    return Depends(disabled), (403,)
 
 
 class ReloadPacer:

@@ -122,8 +122,8 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     reference = error_reference()
-    log.exception("unhandled error on %s %s [error %s]: %s", request.method, request.url.path, reference,
-                  type(error).__name__)
+    log.error("unhandled error on %s %s [error %s]: %s: %s", request.method, request.url.path, reference,
+              type(error).__name__, error, exc_info=error)
     return _detail(500, f"internal error (error reference {reference}; the server log has the details)")
 
 

@@ -8,7 +8,9 @@ that fails to load, check what admin calls need and what error answers leave out
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import re
 import socket
@@ -27,9 +29,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
+from starlette.requests import Request
 
 from recsys.inference.scorers import load
 from recsys.tracking.registry import promote, register
+from serving.errors import _unexpected
 from serving.settings import ADMIN_TOKEN_ENV
 from tests.conftest import ROOT, TINY_TRAIN, train_registered
 
@@ -520,6 +524,17 @@ def test_a_failed_load_names_no_internals_to_clients(broken, mf):
     for reference in references:  # each reference's log line has the details
         line = next(line for line in log.splitlines() if f"[error {reference}]" in line)
         assert "ConfigError" in line and store in line, line
+
+
+def test_an_unexpected_error_names_no_internals_to_clients(caplog):
+    request = Request({"type": "http", "method": "POST", "path": "/recommend", "headers": [], "query_string": b""})
+    with caplog.at_level(logging.ERROR, logger="serving"):
+        answer = asyncio.run(_unexpected(request, KeyError("/srv/models/secret.db")))
+    detail = json.loads(answer.body)["detail"]
+    assert answer.status_code == 500 and "KeyError" not in detail and "secret" not in detail, detail
+    reference = re.fullmatch(r"internal error \(error reference ([0-9a-f]{8}); the server log has the details\)", detail)[1]
+    logged = next(r for r in caplog.records if f"[error {reference}]" in r.getMessage())
+    assert "KeyError" in logged.getMessage() and "secret.db" in logged.getMessage() and logged.exc_info
 
 
 def test_docs_can_be_turned_off(broken, mf_server):
