@@ -116,6 +116,26 @@ def test_quantized_tables_stay_close_to_the_float_model(tmp_path):
     assert not (tmp_path / "serving" / "items.safetensors").exists()  # MF serves its tables as stored
 
 
+@pytest.mark.parametrize("prepared_clusters", [False, True])
+def test_a_graph_hash_package_holds_no_graph_and_loads_without_clustering(prepared_clusters, tmp_path, monkeypatch):
+    """Issue 15: the package carried the training graph and loading re-ran Leiden."""
+    import recsys.data.graph
+
+    clusters = ["data.graph_clusters=1.0"] if prepared_clusters else []
+    model = _trained(tmp_path, *TINY_TRAIN, "model=mf_bpr", "model.dim=16", "embedding=graph_hash", *clusters)
+    package = package_model(model, model.data)
+    assert not any(k.startswith("stats.graph") for k in package.tensors)
+    assert package.tensors["stats.item.clusters"].max() + 1 == model.embeddings.methods["item"].rows
+
+    def no_clustering(*args, **kwargs):
+        raise AssertionError("loading a package must not cluster")
+
+    monkeypatch.setattr(recsys.data.graph, "clusters_near", no_clustering)
+    users = torch.arange(1, model.data.n_users)
+    torch.testing.assert_close(load(package).score_users(users).float(), model.score_users(users).float(),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_package_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="not a model package"):
         Package.load(tmp_path)

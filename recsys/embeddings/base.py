@@ -113,6 +113,11 @@ class Method(nn.Module, ABC):
                 total += part if bool(valid.all()) else part * valid
             yield start, total
 
+    def rebuild_stats(self) -> dict[str, torch.Tensor]:
+        """``TableStats`` fields (e.g. ``clusters``) that rebuild this exact method without the training data, for
+        model packages; empty when the config and the stored counts suffice."""
+        return {}
+
     def initial_weights(self) -> dict[str, torch.Tensor]:
         """Starting rows of some plain tables, by suffix (e.g. k-means codebooks); others start uniform."""
         return {}

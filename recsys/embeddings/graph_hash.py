@@ -41,6 +41,9 @@ class GraphHashTable(Method):
     def transform(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return [self.cluster_of[ids].long()]
 
+    def rebuild_stats(self) -> dict[str, torch.Tensor]:
+        return {"clusters": self.cluster_of}  # a package rebuilds the table without the graph or a clustering
+
     def combine(self, parts: list[torch.Tensor], ids: torch.Tensor | None) -> torch.Tensor:
         return parts[0]
 
@@ -78,8 +81,10 @@ class GraphHash(Compression):
             target = int((self.budget * spec.full_bytes - id_map) // (spec.dim * 4))
         if target < 1:
             raise ConfigError(f"GraphHash budget {self.budget} leaves no row for table '{spec.name}'")
-        if stats is not None and stats.clusters is not None:  # computed by prepare: the smallest share rows
-            return GraphHashTable(spec, fold_clusters(stats.clusters, target))
+        if stats is not None and stats.clusters is not None:  # given: kept when they fit, else the smallest share
+            clusters = np.asarray(stats.clusters)
+            fits = len(clusters) and clusters.min() == 0 and len(np.unique(clusters)) == clusters.max() + 1 <= target
+            return GraphHashTable(spec, clusters if fits else fold_clusters(clusters, target))
         if stats is None or stats.graph is None or stats.side is None:
             raise ConfigError(f"GraphHash on table '{spec.name}' needs the training graph or precomputed clusters "
                               "(TableStats.graph and side, or TableStats.clusters)")

@@ -27,8 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recsys.data.vocab import Vocabulary
-from recsys.embeddings.graph_hash import GraphHash
-from recsys.embeddings.spec import InteractionGraph, TableStats
+from recsys.embeddings.spec import TableStats
 from recsys.errors import ConfigError
 
 FORMAT = 1
@@ -117,32 +116,24 @@ def vocab_ids(vocabulary: Vocabulary) -> list:
     return vocabulary.ids.tolist()
 
 
-def stats_tensors(stats: dict[str, TableStats], settings) -> dict[str, torch.Tensor]:
-    """``stats.<table>.<counts|clusters>`` tensors of the tables' id statistics, and the interaction graph
-    (``stats.graph.users/items``) when a GraphHash table has no prepared clusters and clusters it at build."""
-    out = {}
-    for table, s in stats.items():
-        for name in ("counts", "clusters"):
-            if (value := getattr(s, name)) is not None:
-                out[f"stats.{table}.{name}"] = torch.from_numpy(np.asarray(value, dtype=np.int64))
-        if s.graph is not None and s.clusters is None and isinstance(settings.compression(table), GraphHash):
-            out["stats.graph.users"] = torch.from_numpy(np.asarray(s.graph.users, dtype=np.int64))
-            out["stats.graph.items"] = torch.from_numpy(np.asarray(s.graph.items, dtype=np.int64))
+def stats_tensors(stats: dict[str, TableStats], collection) -> dict[str, torch.Tensor]:
+    """``stats.<table>.<counts|clusters>`` tensors that rebuild ``collection``'s methods without the training data:
+    the id counts, and what each method needs besides (``Method.rebuild_stats``, e.g. GraphHash's clusters). No
+    interaction graph is stored, so loading never clusters."""
+    out = {f"stats.{table}.counts": torch.from_numpy(np.asarray(s.counts, dtype=np.int64))
+           for table, s in stats.items() if s.counts is not None}
+    for table, method in collection.methods.items():
+        out |= {f"stats.{table}.{name}": t.detach().cpu().long() for name, t in method.rebuild_stats().items()}
     return out
 
 
-def stats_from(package: Package, sides: dict[str, str], sizes: dict[str, int]) -> dict[str, TableStats]:
-    """TableStats per table from ``stats_tensors``' entries; ``sides`` maps table -> graph side (user/item)."""
-    graph = None
-    if "stats.graph.users" in package.tensors:
-        graph = InteractionGraph(package.tensors["stats.graph.users"].numpy(), package.tensors["stats.graph.items"].numpy(),
-                                 sizes.get("user", 0), sizes.get("item", 0))
+def stats_from(package: Package) -> dict[str, TableStats]:
+    """TableStats per table from ``stats_tensors``' entries."""
     stats = {}
-    for table in {k.split(".")[1] for k in package.tensors if k.startswith("stats.") and k.split(".")[1] != "graph"}:
+    for table in {k.split(".")[1] for k in package.tensors if k.startswith("stats.")}:
         part = package.section(f"stats.{table}")
         stats[table] = TableStats(counts=part["counts"].numpy() if "counts" in part else None,
-                                  clusters=part["clusters"].numpy() if "clusters" in part else None,
-                                  graph=graph, side=sides.get(table))
+                                  clusters=part["clusters"].numpy() if "clusters" in part else None)
     return stats
 
 

@@ -268,7 +268,7 @@ class MFRecommender(Recommender):
         super().__init__(package, index)
         build = package.meta["build"]
         n_users = len(self.users)
-        stats = stats_from(package, {USER: "user", ITEM: "item"}, {USER: n_users, ITEM: self.n_items})
+        stats = stats_from(package)
         specs = mf_specs(n_users, self.n_items, build["dim"])
         self.model = MatrixFactorization(CompressedEmbeddings(specs, from_config(build["settings"], "build.settings"),
                                                               stats))
@@ -334,7 +334,7 @@ class ComiRecRecommender(Recommender):
         super().__init__(package, index)
         build = package.meta["build"]
         settings = from_config(build["settings"], "build.settings")
-        stats = stats_from(package, {ITEM: "item"}, {ITEM: self.n_items})
+        stats = stats_from(package)
         self.max_length = build["max_length"]
         embeddings = CompressedEmbeddings(multi_interest_specs(self.n_items, build["dim"]), settings, stats)
         extractor = from_config(build["extractor"], "build.extractor")

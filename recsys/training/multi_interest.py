@@ -172,7 +172,7 @@ class ComiRec(ShardedTask):
         """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
         build = {"dim": self.dim, "max_length": self.max_length, "extractor": to_config(self.extractor),
                  "settings": to_config(self.settings)}
-        return "comirec", build, {**self.model_tensors(), **stats_tensors(self.stats, self.settings)}
+        return "comirec", build, {**self.model_tensors(), **stats_tensors(self.stats, self.embeddings)}
 
     @torch.no_grad()
     def item_vectors(self, chunk: int = 65536) -> torch.Tensor:

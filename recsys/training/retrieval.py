@@ -120,7 +120,7 @@ class MFRetrieval(ShardedTask):
     def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
         """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
         build = {"dim": self.dim, "settings": to_config(self.settings)}
-        return "mf", build, {**self.model_tensors(), **stats_tensors(self.stats, self.settings)}
+        return "mf", build, {**self.model_tensors(), **stats_tensors(self.stats, self.embeddings)}
 
     @torch.no_grad()
     def embed(self, feature: str, ids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
