@@ -15,9 +15,10 @@ from recsys.tracking.mlflow_run import Tracker
 from tests.conftest import ROOT, SHARED_DATA, TINY_TRAIN
 
 SLEEPER = """
-import sys, time
+import pathlib, sys, time
 from recsys.tracking.mlflow_run import Tracker
 with Tracker(experiment="signals", root=sys.argv[1]).start("sleeper", {"a": 1}):
+    (pathlib.Path(sys.argv[1]) / "started").touch()  # the run is open; the test does not read the store meanwhile
     while True:
         time.sleep(0.05)
 """
@@ -34,7 +35,7 @@ def test_sigterm_ends_the_run_as_killed(tmp_path):
         child = subprocess.Popen([sys.executable, "-c", SLEEPER, str(tmp_path)], cwd=ROOT, stderr=stderr)
     try:
         deadline = time.monotonic() + 180
-        while not _runs(tracker):
+        while not (tmp_path / "started").exists():  # not polling SQLite: a reader can lock out the child's writes
             assert child.poll() is None, (tmp_path / "stderr.txt").read_text()
             assert time.monotonic() < deadline, "the child's run never appeared in the store"
             time.sleep(0.1)
