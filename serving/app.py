@@ -57,7 +57,7 @@ def create_app(settings: ServingSettings, loader=load_model) -> FastAPI:
 
     async def load_now() -> tuple[LoadedModel, LoadedModel | None]:
         new, previous = await anyio.to_thread.run_sync(holder.reload)
-        metrics.serving(new.name, new.version, new.family)
+        metrics.serving(new.name, new.version, new.family, new.memory)
         return new, previous
 
     async def first_load() -> None:

@@ -32,14 +32,19 @@ class Metrics:
                                  "(history: an unseen user's items; popularity)", ["source"], registry=r)
         self.model = Gauge("recsys_serving_model_info", "1 for the model being served", ["name", "version", "family"],
                            registry=r)
+        self.model_bytes = Gauge("recsys_serving_model_bytes", "Bytes the served model holds, by part (tables as stored, "
+                                 "id maps, histories, a built index), measured from its tensors", ["part"], registry=r)
         self.reloads = Counter("recsys_serving_reloads",
                                "POST /admin/reload calls by outcome (success, failure, busy, too_early)", ["outcome"],
                                registry=r)
 
-    def serving(self, name: str, version: str, family: str) -> None:
-        """Marks the model being served (the previous one's series is removed)."""
+    def serving(self, name: str, version: str, family: str, memory: dict[str, int] | None = None) -> None:
+        """Marks the model being served and the bytes it holds by part (the previous one's series are removed)."""
         self.model.clear()
         self.model.labels(name, version, family).set(1)
+        self.model_bytes.clear()
+        for part, size in (memory or {}).items():
+            self.model_bytes.labels(part).set(size)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,7 +25,8 @@ log = logging.getLogger("serving")
 @dataclass(frozen=True)
 class LoadedModel:
     """A loaded model and what it is: registered ``name`` and ``version`` (a package directory: its name and a hash of
-    its metadata, ``sha-<12 hex>``), the URI it was loaded from, and its family."""
+    its metadata, ``sha-<12 hex>``), the URI it was loaded from, its family, and the bytes it holds by part
+    (``model.memory()``, measured once it is warm)."""
 
     model: Recommender | CTRScorer
     name: str
@@ -33,10 +34,11 @@ class LoadedModel:
     uri: str
     family: str
     seconds: float
+    memory: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "uri": self.uri, "family": self.family,
-                "load_seconds": round(self.seconds, 3)}
+                "load_seconds": round(self.seconds, 3), "bytes": sum(self.memory.values())}
 
 
 def load_model(settings: ServingSettings) -> LoadedModel:
@@ -51,7 +53,7 @@ def load_model(settings: ServingSettings) -> LoadedModel:
         model = load(fetched.directory, tables=settings.tables, index=settings.index)
     _warm_up(model)
     return LoadedModel(model, fetched.name, fetched.version, settings.model_uri, model.family,
-                       time.perf_counter() - began)
+                       time.perf_counter() - began, model.memory())
 
 
 def _warm_up(model: Recommender | CTRScorer) -> None:

@@ -136,6 +136,25 @@ def test_a_graph_hash_package_holds_no_graph_and_loads_without_clustering(prepar
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("embedding", ["full", "quotient_remainder", "hashing"])
+def test_mf_serves_its_tables_as_stored(embedding, tmp_path):
+    """Issue 15: loading MF decoded every user and item vector (and kept the package's tensors beside them)."""
+    budget = [] if embedding == "full" else ["embedding.default.budget=0.25"]
+    model = _trained(tmp_path, *TINY_TRAIN, *RANKING["mf"], f"embedding={embedding}", *budget)
+    package = package_model(model, model.data)
+    recommender = load(package)
+    recommender.recommend(np.array([1, -1]), 5, [None, np.array([3, 4])])
+    memory = recommender.memory()
+    tables = sum(model.embeddings.memory().values())
+    assert memory["model"] == tables  # the plain tables, id maps and combiners as trained: nothing decoded
+    n = model.data.n_users + model.data.n_items
+    if embedding != "full":
+        assert tables <= 0.25 * n * 16 * 4 + 1024
+    context = memory["_history"] + memory.get("_exclude", 0) + memory["popularity"]  # _exclude: no valid split
+    assert sum(memory.values()) - tables - context < 64 * 1024  # the vocabularies; no (N, D) matrix anywhere
+    assert sum(memory.values()) <= package.bytes() + 64 * 1024
+
+
 def test_package_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="not a model package"):
         Package.load(tmp_path)

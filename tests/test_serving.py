@@ -437,6 +437,7 @@ def _metric(text: str, sample: str, /, **labels) -> float:
 def test_metrics_count_requests_fallbacks_and_the_model(mf_server, mf):
     before = mf_server.get("/metrics").text
     mf_server.post("/recommend", {"user_id": "nobody", "k": 2})
+    mf_server.post("/recommend", {"user_id": "nobody", "history": [mf["reference"].items.ids[1].item()], "k": 2})
     mf_server.post("/recommend", {"user_id": 1, "k": 0})
     answer = mf_server.get("/metrics")
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
@@ -444,11 +445,14 @@ def test_metrics_count_requests_fallbacks_and_the_model(mf_server, mf):
     for status in ("200", "422"):
         labels = {"endpoint": "/recommend", "status": status}
         assert _metric(text, "recsys_serving_requests_total", **labels) == \
-            _metric(before, "recsys_serving_requests_total", **labels) + 1
+            _metric(before, "recsys_serving_requests_total", **labels) + (2 if status == "200" else 1)
     assert _metric(text, "recsys_serving_fallbacks_total", source="popularity") >= 1
     assert _metric(text, "recsys_serving_fallbacks_total", source="history") >= 1
     assert _metric(text, "recsys_serving_request_seconds_count", endpoint="/recommend") >= 2
     assert _metric(text, "recsys_serving_model_info", name=NAME, version=mf["version"], family="mf") == 1
+    tables = sum(mf["model"].embeddings.memory().values())  # the served model's tables are the trained ones, as stored
+    assert _metric(text, "recsys_serving_model_bytes", part="model") == tables
+    assert _metric(text, "recsys_serving_model_bytes", part="_history") > 0
     mf_server.get("/no/such/path")
     assert _metric(mf_server.get("/metrics").text, "recsys_serving_requests_total", endpoint="other", status="404") >= 1
 

@@ -82,7 +82,7 @@ class GraphHash(Compression):
         if target < 1:
             raise ConfigError(f"GraphHash budget {self.budget} leaves no row for table '{spec.name}'")
         if stats is not None and stats.clusters is not None:  # given: kept when they fit, else the smallest share
-            clusters = np.asarray(stats.clusters)
+            clusters = np.array(stats.clusters)  # a writable copy (package tensors are read-only)
             fits = len(clusters) and clusters.min() == 0 and len(np.unique(clusters)) == clusters.max() + 1 <= target
             return GraphHashTable(spec, clusters if fits else fold_clusters(clusters, target))
         if stats is None or stats.graph is None or stats.side is None:

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -27,6 +28,7 @@ from recsys.data.prepare import transform_dense
 from recsys.data.schemas import ITEM, LABEL, USER, CTRSchema
 from recsys.data.vocab import Vocabulary
 from recsys.embeddings.collection import CompressedEmbeddings
+from recsys.embeddings.memory import tensor_bytes
 from recsys.embeddings.serving_quantization import quantize_tables
 from recsys.errors import ConfigError, DataError
 from recsys.inference.package import META, Package, from_config, stats_from
@@ -62,7 +64,6 @@ class Recommender:
     uses_index = True  # retrieve through FAISS over item_vectors (False: score every item with the model)
 
     def __init__(self, package: Package, index: str = "Flat"):
-        self.package = package
         self.users, self.items = package.vocabulary(USER), package.vocabulary(ITEM)
         self.n_items = len(self.items)
         t = package.tensors
@@ -72,6 +73,10 @@ class Recommender:
         self.popularity = t["popularity"].double().numpy()
         self.index_factory = index
         self.index = None
+
+    def memory(self) -> dict[str, int]:
+        """Bytes the loaded model holds, by attribute (``held_bytes``)."""
+        return held_bytes(self)
 
     # ------------------------------------------------------------------ ids
     def user_index(self, raw) -> np.ndarray:
@@ -408,7 +413,6 @@ class CTRScorer:
     def __init__(self, package: Package, tables: str = "float"):
         from recsys.training.ctr import ctr_network  # the training module: imported only for CTR packages
 
-        self.package = package
         data, build = package.meta["data"], dict(package.meta["build"])
         self.schema = CTRSchema(**{k: tuple(v) for k, v in data["schema"].items()})
         self.transform, self.dense_stats = data.get("dense_transform", "none"), data.get("dense_stats")
@@ -423,6 +427,10 @@ class CTRScorer:
         self.model.load_state_dict(package.section("model"))
         quantize(self.model.eval(), tables)
         self.to_batch = CTRBatcher(self.schema)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes the loaded model holds, by attribute (``held_bytes``)."""
+        return held_bytes(self)
 
     @property
     def columns(self) -> list[str]:
@@ -491,6 +499,50 @@ def comparable(values, ids: np.ndarray) -> list:
         else:
             out.append(None)
     return out
+
+
+def held_bytes(scorer) -> dict[str, int]:
+    """Bytes of every tensor, array and FAISS index a loaded model holds, by attribute, measured from the objects
+    (tensors shared by several attributes are counted once): what serving keeps resident for the model.
+
+    Example:
+        >>> class Scorer: ...
+        >>> scorer = Scorer(); scorer.table = torch.zeros(10, 4); scorer.same = scorer.table
+        >>> held_bytes(scorer)
+        {'table': 160}
+    """
+    seen: set[int] = set()
+
+    def size(value, depth: int = 0) -> int:
+        if isinstance(value, torch.Tensor):
+            if value.layout == torch.sparse_csr:
+                return sum(size(t) for t in (value.crow_indices(), value.col_indices(), value.values()))
+            storage = value.untyped_storage().data_ptr() if value.device.type != "meta" else id(value)
+            if storage in seen:
+                return 0
+            seen.add(storage)
+            return tensor_bytes(value)
+        if isinstance(value, np.ndarray):
+            base = value if value.base is None else value.base
+            if id(base) in seen:
+                return 0
+            seen.add(id(base))
+            return value.nbytes
+        if isinstance(value, torch.nn.Module):
+            return sum(size(t) for t in value.state_dict(keep_vars=True).values())
+        if isinstance(value, ItemIndex):
+            return size(value.vectors) + int(faiss.serialize_index(value.index).nbytes)
+        if isinstance(value, (tuple, list)):
+            return sum(size(v, depth) for v in value)
+        if isinstance(value, dict):
+            return sum(size(v, depth) for v in value.values())
+        if isinstance(value, pd.Index):
+            return int(value.memory_usage(deep=True))
+        if hasattr(value, "__dict__") and depth < 2 and not isinstance(value, type):
+            return sum(size(v, depth + 1) for v in vars(value).values())
+        return 0
+
+    return {name: b for name, value in vars(scorer).items() if (b := size(value))}
 
 
 COLLECTIONS = ("embeddings", "first_order")  # where the models keep their CompressedEmbeddings

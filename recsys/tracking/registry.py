@@ -67,8 +67,10 @@ def log_package(package: Package, name: str = MODEL_ARTIFACT) -> dict:
                                        input_example=(example, params) if params else example,
                                        model_config={"tables": "float", "index": "Flat"})
         mlflow.log_artifacts(str(Path(tmp) / "serving"), "serving")
-    mlflow.log_metrics({f"serving_bytes_{k}": v for k, v in sizes.items()} | {"package_bytes": package.bytes()})
-    return {"model_uri": info.model_uri, "serving_bytes": sizes}
+    served = scorer.memory()  # what a server holds for the model, beside the training run's table_bytes_*
+    mlflow.log_metrics({f"serving_bytes_{k}": v for k, v in sizes.items()} | {"package_bytes": package.bytes()}
+                       | {f"served_bytes_{k}": v for k, v in served.items()} | {"served_bytes_total": sum(served.values())})
+    return {"model_uri": info.model_uri, "serving_bytes": sizes, "served_bytes": served}
 
 
 def register(run_id: str, name: str, tracking_uri: str | None = None, artifact: str = MODEL_ARTIFACT) -> str:
