@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pipelines.batch_score import batch_score
 from recsys.embeddings.hashing import Hashing
@@ -136,3 +137,30 @@ def test_every_allowed_class_round_trips_and_nothing_else_is_stored():
 
     with pytest.raises(ConfigError, match="Foreign cannot be stored in a model package as an object"):
         to_config(Foreign())
+
+
+@pytest.mark.parametrize("family", ["mf", "ctr"])
+@pytest.mark.parametrize("damage", ["missing", "shape", "extra"])
+def test_weights_that_do_not_match_the_config_are_named(family, damage, packages, tmp_path):
+    """Issue 15: a package whose weights do not match its config fails at load, naming the tensor and the shape."""
+    from safetensors.torch import load_file, save_file
+
+    from recsys.inference.package import WEIGHTS
+
+    package = crafted(packages[family], tmp_path / "damaged", "metrics", {})
+    tensors = load_file(str(package / WEIGHTS))
+    table = next(k for k in tensors if k.startswith("model.") and k.endswith(".weight") and tensors[k].dim() == 2)
+    shape = tuple(tensors[table].shape)
+    if damage == "missing":
+        del tensors[table]
+        message = f"'{table}' is missing (expected shape {shape})"
+    elif damage == "shape":
+        tensors[table] = tensors[table][:-1].clone()
+        message = f"'{table}' has shape {(shape[0] - 1, shape[1])}, the config builds {shape}"
+    else:
+        tensors["model.embeddings.surplus"] = torch.zeros(3)
+        message = "'model.embeddings.surplus' is not part of this model"
+    save_file(tensors, str(package / WEIGHTS))
+    with pytest.raises(ConfigError, match="the package's weights do not match its config") as error:
+        load(package)
+    assert message in str(error.value)

@@ -277,7 +277,7 @@ class MFRecommender(Recommender):
         specs = mf_specs(n_users, self.n_items, build["dim"])
         self.model = MatrixFactorization(CompressedEmbeddings(specs, from_config(build["settings"], "build.settings"),
                                                               stats))
-        self.model.load_state_dict(package.section("model"))
+        load_weights(self.model, package)
         quantize(self.model.eval(), tables)
         self.uses_index = index != "Flat"
 
@@ -344,7 +344,7 @@ class ComiRecRecommender(Recommender):
         embeddings = CompressedEmbeddings(multi_interest_specs(self.n_items, build["dim"]), settings, stats)
         extractor = from_config(build["extractor"], "build.extractor")
         self.model = MultiInterest(embeddings, extractor.build(build["dim"], self.max_length))
-        self.model.load_state_dict(package.section("model"))
+        load_weights(self.model, package)
         quantize(self.model.eval(), tables)
         with torch.no_grad():
             ids = torch.arange(self.n_items)
@@ -424,7 +424,7 @@ class CTRScorer:
         if unknown:
             raise ConfigError(f"{META}: build has unknown entries {sorted(unknown)}; a CTR package has {sorted(CTR_BUILD)}")
         self.model = ctr_network(model, self.schema, data["vocab_sizes"], counts, settings, **build)[0]
-        self.model.load_state_dict(package.section("model"))
+        load_weights(self.model, package)
         quantize(self.model.eval(), tables)
         self.to_batch = CTRBatcher(self.schema)
 
@@ -499,6 +499,25 @@ def comparable(values, ids: np.ndarray) -> list:
         else:
             out.append(None)
     return out
+
+
+def load_weights(model: torch.nn.Module, package: Package) -> None:
+    """Loads the package's ``model.*`` tensors into ``model`` built from its config.
+
+    Raises:
+        ConfigError: naming the first tensors missing from the package, not expected by the config, or of another
+            shape than the config builds (a package whose weights do not match its config).
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = package.section("model")
+    problems = [f"'model.{k}' is missing (expected shape {shape})" for k, shape in expected.items() if k not in given]
+    problems += [f"'model.{k}' is not part of this model" for k in given if k not in expected]
+    problems += [f"'model.{k}' has shape {tuple(given[k].shape)}, the config builds {shape}"
+                 for k, shape in expected.items() if k in given and tuple(given[k].shape) != shape]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ConfigError(f"the package's weights do not match its config: {'; '.join(problems[:5])}{more}")
+    model.load_state_dict(given)
 
 
 def held_bytes(scorer) -> dict[str, int]:
