@@ -184,6 +184,7 @@ def test_resume_rewrites_only_the_missing_part(mf, tmp_path):
     assert leftovers(out) == []
 
 
+@pytest.mark.slow  # 30 s: a subprocess killed mid-job, then re-run
 def test_killed_run_finished_by_a_rerun_gives_the_rows_of_an_uninterrupted_run(mf, many_users, reference, tmp_path):
     expected, summary = reference
     total = summary["parts_written"]
@@ -210,6 +211,7 @@ def test_killed_run_finished_by_a_rerun_gives_the_rows_of_an_uninterrupted_run(m
     assert manifest["files"] == reference_manifest["files"]
 
 
+@pytest.mark.slow  # 30 s: two torchrun ranks
 def test_two_torchrun_ranks_give_the_rows_of_one_process(mf, many_users, reference, tmp_path):
     expected, summary = reference
     out = tmp_path / "out"

@@ -74,6 +74,7 @@ def test_train_pipeline_logs_a_complete_mlflow_run(compose_config, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 20 s: a Hydra sweep of two training jobs
 def test_multirun_sweep_makes_one_mlflow_run_per_job(tmp_path):
     shared = ROOT.parent / "shared" / "data"
     command = [sys.executable, "-m", "pipelines.train", "-m", "model.dim=8,16", f"paths.root={tmp_path}",

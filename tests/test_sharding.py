@@ -423,6 +423,7 @@ TINY = ["data.source.generator.n_users=300", "data.source.generator.n_items=200"
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 25 s: torchrun end to end (run_ranks covers sharding)
 def test_torchrun_trains_on_two_ranks_and_logs_one_mlflow_run(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "pipelines.train", "trainer.distributed=true",
