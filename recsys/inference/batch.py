@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -49,6 +48,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from recsys.errors import ConfigError, DataError
+from recsys.files import publish
 from recsys.inference.predict import HISTORY_ID, USER_ID, predict_frame
 from recsys.inference.scorers import CTRScorer, Recommender, load
 from recsys.tracking.registry import fetched_package
@@ -379,11 +379,11 @@ def _claim(out: Path, record: dict, mine: list[int], n_fragments: int, rank: int
             match = PARTITION.match(partition.name)
             if partition.is_dir() and match and (int(match[1]) in mine or (rank == 0 and int(match[1]) >= n_fragments)):
                 shutil.rmtree(partition, ignore_errors=True)
-        _publish(path, lambda t: t.write_bytes(_json(record)), rank)
+        publish(path, lambda t: t.write_bytes(_json(record)), tag=f"rank{rank}.")
         return
     found = _read_job(path)
     if found is None:
-        if _publish(path, lambda t: t.write_bytes(_json(record)), rank, exclusive=True):
+        if publish(path, lambda t: t.write_bytes(_json(record)), tag=f"rank{rank}.", exclusive=True):
             return
         found = _read_job(path)  # another rank created it first
     lines = differences(found, record)
@@ -413,8 +413,8 @@ def _finish(out: Path, record: dict, chunks: list[int], rank: int) -> bool:
             parts[path.relative_to(out).as_posix()] = found
     counts = {"rows_in": record["input_rows"], "rows_out": sum(parts.values()), "parts": len(parts)}
     manifest = {k: record[k] for k in ("job", "model", "package_sha256", "family", "input")} | counts | {"files": parts}
-    _publish(out / MANIFEST, lambda t: t.write_bytes(_json(manifest)), rank)
-    _publish(out / SUCCESS, lambda t: t.write_bytes(_json({"job": record["job"]} | counts)), rank)
+    publish(out / MANIFEST, lambda t: t.write_bytes(_json(manifest)), tag=f"rank{rank}.")
+    publish(out / SUCCESS, lambda t: t.write_bytes(_json({"job": record["job"]} | counts)), tag=f"rank{rank}.")
     return True
 
 
@@ -423,41 +423,7 @@ def _json(value: dict) -> bytes:
     return (json.dumps(value, indent=1) + "\n").encode()
 
 
-def _temporary(path: Path, rank: int) -> Path:
-    """A hidden sibling (datasets reading the directory skip it) named with the writer's rank (for the cleanup)."""
-    return path.with_name(f".{path.name}.rank{rank}.{uuid.uuid4().hex[:12]}.tmp")
-
-
 def _write_part(table: pa.Table, path: Path, job: str, rows_in: int, rank: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     table = table.replace_schema_metadata({JOB_KEY: job.encode(), ROWS_IN_KEY: str(rows_in).encode()})
-    _publish(path, lambda temporary: pq.write_table(table, temporary), rank)
-
-
-def _publish(path: Path, write, rank: int, exclusive: bool = False) -> bool:
-    """Writes ``path`` atomically: ``write(temporary)`` fills a hidden sibling, which is synced to disk and renamed
-    into place. ``exclusive``: linked instead, only if ``path`` does not exist yet (exactly one creator); returns
-    whether this call created it."""
-    temporary = _temporary(path, rank)
-    try:
-        write(temporary)
-        _fsync(temporary)
-        if not exclusive:
-            os.replace(temporary, path)
-            return True
-        try:
-            os.link(temporary, path)  # fails when the file exists
-        except FileExistsError:
-            return False
-        except OSError:  # a file system without hard links
-            if path.exists():
-                return False
-            os.replace(temporary, path)
-        return True
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
+    publish(path, lambda temporary: pq.write_table(table, temporary), tag=f"rank{rank}.")

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from recsys.errors import CheckpointError
+from recsys.files import publish
 
 LATEST = "latest.json"
 META = "recsys_meta.json"  # inside each epoch folder: {"epoch", "meta"}
@@ -46,8 +45,9 @@ def save(directory: str | Path, epoch: int, state: dict, meta: dict | None = Non
         dist.barrier()
     dcp.save(state, checkpoint_id=str(target))
     if main:
-        _write_atomic(target / META, json.dumps({"epoch": epoch, "meta": meta or {}}))
-        _write_atomic(directory / LATEST, json.dumps({"epoch": epoch, "path": target.name, "meta": meta or {}}))
+        record = {"epoch": epoch, "meta": meta or {}}
+        publish(target / META, lambda t: t.write_text(json.dumps(record)))
+        publish(directory / LATEST, lambda t: t.write_text(json.dumps({**record, "path": target.name})))
         for old in sorted(_epoch_dirs(directory))[:-keep]:
             shutil.rmtree(old[1], ignore_errors=True)
     if dist.is_initialized():
@@ -150,31 +150,6 @@ def load_module(path: str | Path, module: nn.Module, key: str = "model") -> None
     state = {key: module.state_dict()}
     load(path, state)
     module.load_state_dict(state[key])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a synced temporary file in the same folder: readers see the old
-    file or the new one, never a part."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    try:  # the rename itself survives a power loss only once the folder is synced
-        folder = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(folder)
-    except OSError:
-        pass  # not supported on this file system
-    finally:
-        os.close(folder)
 
 
 def _epoch_dirs(directory: Path) -> list[tuple[int, Path]]:
