@@ -288,8 +288,13 @@ class MFRecommender(Recommender):
         values = torch.from_numpy(np.concatenate([np.asarray(b, dtype=np.int64) for b in bags]))
         return self.model(KeyedJaggedTensor.from_lengths_sync([feature], values, lengths))[feature]
 
+    @torch.no_grad()
+    def _vectors(self, feature: str, ids) -> torch.Tensor:
+        """(n, D) vectors of single ids, looked up from the stored tables in one call."""
+        return self.model(jagged([feature], [np.asarray(ids, dtype=np.int64)]))[feature]
+
     def queries(self, users: torch.Tensor) -> torch.Tensor:
-        return self._bags(USER, [np.array([u]) for u in users.tolist()]).unsqueeze(1)
+        return self._vectors(USER, users.numpy()).unsqueeze(1)
 
     def history_queries(self, histories: list[np.ndarray]) -> torch.Tensor:
         lengths = torch.tensor([max(len(h), 1) for h in histories], dtype=torch.float32)
@@ -301,13 +306,13 @@ class MFRecommender(Recommender):
 
     def item_vectors(self) -> torch.Tensor:
         """(N, D) decoded item vectors (only for an approximate FAISS index, never for exact retrieval)."""
-        return self._bags(ITEM, [np.array([i]) for i in range(self.n_items)])
+        return self._vectors(ITEM, np.arange(self.n_items))
 
     def _dense(self, queries: torch.Tensor) -> torch.Tensor:
         return torch.cat([s for _, s in self.item_blocks(queries[:, 0])], dim=1)
 
     def similar_scores(self, items: np.ndarray) -> torch.Tensor:
-        return self._dense(self._bags(ITEM, [np.array([i]) for i in items]).unsqueeze(1))
+        return self._dense(self._vectors(ITEM, items).unsqueeze(1))
 
     def _top(self, source, users, histories, k, skip, allowed):
         if source == "popularity" or self.uses_index:
