@@ -150,7 +150,8 @@ def test_batch_scoring_in_a_log_file_logs_one_line_per_file(tiny_interactions, t
     caplog.set_level(logging.INFO, logger="recsys.inference.batch")
     score_parquet(package, tmp_path / "in", tmp_path / "out", BatchSettings(batch_size=10, progress=True))
     drawn = [line for line in re.split(r"[\r\n]", stderr.getvalue()) if "batch score" in line]
-    assert len(drawn) > 3 if terminal else not drawn, drawn[:5]
+    # on a terminal the bar is drawn at its start and its close; redraws between depend on speed (tqdm's mininterval)
+    assert len(drawn) >= 2 if terminal else not drawn, drawn[:5]
     lines = [r.getMessage() for r in caplog.records if "files done" in r.getMessage()]
     assert [line.split(" (")[0] for line in lines] == ([] if terminal else [f"batch score: {n}/3 files done"
                                                                               for n in (1, 2, 3)])
