@@ -180,6 +180,31 @@ def test_vq_outputs_are_codewords_and_export_reproduces_them():
     assert 0 < usage["used_fraction"] <= 1 and 1 <= usage["perplexity"] <= 8
 
 
+def test_a_collection_is_served_as_codes_and_codebooks_that_reload_from_the_stored_config():
+    """``served_form``: the VQ table becomes PQ codes + codebooks, the full table stays; the stored settings build a
+    collection that loads the served state and looks up what the trained collection does."""
+    from recsys.embeddings.collection import served_form
+    from recsys.inference.package import from_config, to_config
+
+    tables = [TableSpec("user", 30, D, ("user",)), TableSpec("item", N, D, ("item", "neg_item"))]
+    settings = EmbeddingSettings(Full(), {"item": DifferentiableVQ(subspaces=2, codewords=8)})
+    trained = CompressedEmbeddings(tables, settings)
+    trained(batch(0))["item"].sum().backward()  # the first training forward seeds the codebooks
+    trained.eval()
+    served, state = served_form(trained, settings, {f"m.{k}": v for k, v in trained.state_dict().items()}, "m.")
+    assert not [k for k in state if "item__query" in k or "methods.item.usage" in k]
+    assert [k for k in state if "user__" in k] == [k for k in (f"m.{k}" for k in trained.state_dict()) if "user__" in k]
+    stored = from_config(to_config(served))  # through the package's JSON
+    assert stored.tables["item"] == ProductQuantization(subspaces=2, codewords=8, source="stored")
+    reloaded = CompressedEmbeddings(tables, stored)
+    reloaded.load_state_dict({k[2:]: v for k, v in state.items()})
+    kjt = KeyedJaggedTensor.from_lengths_sync(["user", "item"], torch.tensor([1, 2, 3, 4, 5, 6]),
+                                              torch.tensor([1, 2, 2, 1], dtype=torch.int32))
+    for feature, vectors in trained(kjt).items():
+        torch.testing.assert_close(reloaded(kjt)[feature], vectors, rtol=0, atol=0)
+    assert reloaded.memory() == {"user": 30 * D * 4, "item": pq_bytes(N, D, 2, 8)}
+
+
 def test_dead_codes_are_reseeded_from_query_vectors():
     emb = _toy_vq(reseed_every=2, codewords=8)
     method = emb.methods["item"]
@@ -261,9 +286,11 @@ def test_config_errors_name_the_field_and_value():
         ProductQuantization(budget=0.01).build(spec)
     with pytest.raises(ConfigError, match="source='kmeans' needs codes"):
         ProductQuantization(source="kmeans")
-    with pytest.raises(ConfigError, match="source='random' draws its own codes"):
+    with pytest.raises(ConfigError, match="source='random' takes no codes"):
         ProductQuantization(codes=torch.zeros(N, 4, dtype=torch.uint8))
-    with pytest.raises(ConfigError, match="source must be random, kmeans or vq, got 'faiss'"):
+    with pytest.raises(ConfigError, match="source='stored' needs subspaces and codewords"):
+        ProductQuantization(source="stored")
+    with pytest.raises(ConfigError, match="source must be random, kmeans, vq or stored, got 'faiss'"):
         ProductQuantization(source="faiss")
     with pytest.raises(ConfigError, match="codes must be an integer"):
         ProductQuantization(source="vq", codes=torch.zeros(N, 4))

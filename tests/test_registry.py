@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from recsys.data.batching import CTRBatcher
+from recsys.embeddings.quantization import pq_bytes
 from recsys.errors import ConfigError
 from recsys.inference.export import package_model, serving_export
 from recsys.inference.package import META, VOCAB, WEIGHTS, Package
@@ -35,9 +36,12 @@ RANKING = {
     "nbmf": ["model=nbmf", "model.factors=8"],
     "comirec_sa": ["model=comirec_sa", "model.dim=16"],
     "comirec_dr": ["model=comirec_dr", "model.dim=16"],
+    "comirec_vq": ["model=comirec_sa", "model.dim=16", "embedding=vq_e2e"],
 }
 CTR = {"dlrm": ["model=dlrm"], "deepfm_hashing": ["model=deepfm", "embedding=hashing"],
-       "dcnv2_qr_total_budget": ["model=dcnv2", "embedding=quotient_remainder", "embedding.total_budget=0.25"]}
+       "dcnv2_qr_total_budget": ["model=dcnv2", "embedding=quotient_remainder", "embedding.total_budget=0.25"],
+       "dlrm_vq_total_budget": ["model=dlrm", "embedding=vq_e2e", "embedding.default.codewords=null",
+                                "embedding.total_budget=0.25"]}
 
 
 def _trained(tmp_path, *overrides):
@@ -114,6 +118,19 @@ def test_quantized_tables_stay_close_to_the_float_model(tmp_path):
     assert sum(model.memory().values()) == rows * dim * 4
     assert sizes["tables_int8"] == rows * (dim + 4) and sizes["tables_int4"] == rows * (dim // 2 + 4)
     assert not (tmp_path / "serving" / "items.safetensors").exists()  # MF serves its tables as stored
+
+
+def test_a_vq_package_serves_codes_and_codebooks_without_the_query_table(tmp_path):
+    model = _trained(tmp_path, *TINY_TRAIN, *RANKING["mf_vq"])
+    package = package_model(model, model.data)
+    assert not [k for k in package.tensors if "__query" in k or ".usage" in k]
+    stored = package.meta["build"]["settings"]["tables"]
+    assert {t: (c["source"], c["subspaces"], c["codewords"]) for t, c in stored.items()} == {
+        t: ("stored", m.subspaces, m.codewords) for t, m in model.embeddings.methods.items()}
+    served = collections(load(package).model)["embeddings"].memory()
+    assert served == {t: pq_bytes(m.spec.num_embeddings, 16, m.subspaces, m.codewords)
+                      for t, m in model.embeddings.methods.items()}
+    assert all(served[t] < trained for t, trained in model.memory().items())
 
 
 @pytest.mark.parametrize("prepared_clusters", [False, True])

@@ -113,6 +113,16 @@ class Method(nn.Module, ABC):
                 total += part if bool(valid.all()) else part * valid
             yield start, total
 
+    def exported(self, weights: list[torch.Tensor]) -> Compression | None:
+        """The compression that serves this trained table in less memory than training needs, built with the
+        trained tensors (``weights``: the plain tables' rows), or None when the trained form is what serves."""
+        return None
+
+    def budget_bytes(self) -> int:
+        """Bytes this table counts against a budget shared with other tables: its plain tables as float32 and
+        its buffers and parameters."""
+        return sum(4 * t.rows * t.dim for t in self.plain_tables()) + self.extra_memory()
+
     def rebuild_stats(self) -> dict[str, torch.Tensor]:
         """``TableStats`` fields (e.g. ``clusters``) that rebuild this exact method without the training data, for
         model packages; empty when the config and the stored counts suffice."""
@@ -153,3 +163,8 @@ class Compression(ABC):
     @abstractmethod
     def build(self, spec: TableSpec, stats: TableStats | None = None) -> Method:
         """The method module for ``spec`` (``stats`` carries frequencies or clusters if needed)."""
+
+    def stored(self) -> Compression:
+        """This config as a package's JSON stores it: tensors it carries (e.g. PQ codes) travel in the package's
+        weights instead, and the config builds a module of the same shapes for them to load into."""
+        return self

@@ -9,7 +9,7 @@ them and FBGEMM's kernels run them. Models never see which method is in use.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -223,6 +223,45 @@ class CompressedEmbeddings(nn.Module):
         return totals
 
 
+def served_form(collection: CompressedEmbeddings, settings: EmbeddingSettings, state: Mapping[str, torch.Tensor],
+                prefix: str = "") -> tuple[EmbeddingSettings, dict[str, torch.Tensor]]:
+    """A trained collection as it is served: each table whose method has a smaller inference form
+    (``Method.exported``, e.g. differentiable VQ -> PQ codes and codebooks without the query table) is replaced by it.
+
+    Args:
+        collection: the trained collection (its methods; its plain tables may be sharded).
+        settings: the settings it was built from.
+        state: an unsharded state dict holding the collection's tensors under ``prefix``.
+        prefix: where the collection sits in ``state`` (e.g. ``model.embeddings.``).
+
+    Returns:
+        The settings that build the served collection (replaced tables pinned in ``tables``, in their stored form)
+        and ``state`` with the replaced tables' tensors swapped for the served ones.
+    """
+    tables, state = dict(settings.tables), dict(state)
+    for name, method in collection.methods.items():
+        owned = [k for k in state if k.startswith(prefix) and (k.startswith(f"{prefix}methods.{name}.")
+                                                                or f".{name}__" in k[len(prefix):])]
+        weights = [state[_plain_key(owned, name, t.suffix)] for t in method.plain_tables()]
+        form = method.exported(weights)
+        if form is None:
+            continue
+        served = CompressedEmbeddings([replace(collection.specs[name], compression=None)],
+                                      EmbeddingSettings(form, init_scale=settings.init_scale))
+        for key in owned:
+            del state[key]
+        state |= {f"{prefix}{k}": v for k, v in served.state_dict().items()}
+        tables[name] = form.stored()
+    return replace(settings, tables=tables), state
+
+
+def _plain_key(keys: list[str], table: str, suffix: str) -> str:
+    found = [k for k in keys if k.endswith(f".{table}__{suffix}.weight")]
+    if len(found) != 1:
+        raise ConfigError(f"the state holds {len(found)} tensors of plain table '{table}__{suffix}', expected one")
+    return found[0]
+
+
 def _build_methods(specs: Sequence[TableSpec], settings: EmbeddingSettings,
                    stats: Mapping[str, TableStats]) -> dict[str, Method]:
     """Each spec's method, in spec order; with ``settings.total_budget``, the ``default`` tables sized to share
@@ -232,8 +271,7 @@ def _build_methods(specs: Sequence[TableSpec], settings: EmbeddingSettings,
     methods = {s.name: (s.compression or settings.compression(s.name)).build(s, stats.get(s.name))
                for s in specs if s.name not in shared}
     if shared:
-        fixed = sum(4 * t.rows * t.dim for m in methods.values() for t in m.plain_tables())  # float32 rows
-        fixed += sum(m.extra_memory() for m in methods.values())
+        fixed = sum(m.budget_bytes() for m in methods.values())
         available = math.floor(settings.total_budget * sum(s.full_bytes for s in specs)) - fixed
         sized = [s for s in specs if s.name in shared]
         budgets = split_budget(settings.default, sized, available, stats)

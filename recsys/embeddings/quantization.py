@@ -312,8 +312,9 @@ class ProductQuantization(Compression):
         budget: memory budget as a fraction of the float32 table's bytes (chooses K, and S when
             ``subspaces`` is None); exclusive with ``codewords``.
         source: where the codes come from: ``random`` (seeded random codes, codebooks learned: the
-            random-codes baseline), ``kmeans`` (``from_table``) or ``vq`` (``DifferentiableVQ`` export).
-        codes: (N, S) integer codes (required unless ``source`` is random).
+            random-codes baseline), ``kmeans`` (``from_table``), ``vq`` (``DifferentiableVQ`` export) or
+            ``stored`` (a model package's weights: ``build`` makes zero codes and codebooks to load them into).
+        codes: (N, S) integer codes (required for ``kmeans`` and ``vq``).
         codebooks: (S, K, D/S) starting codebook rows (None: the collection's uniform init).
         seed: seed of the random codes.
 
@@ -325,18 +326,20 @@ class ProductQuantization(Compression):
     subspaces: int | None = 4
     codewords: int | None = None
     budget: float | None = None
-    source: Literal["random", "kmeans", "vq"] = "random"
+    source: Literal["random", "kmeans", "vq", "stored"] = "random"
     codes: torch.Tensor | None = field(default=None, repr=False, compare=False)
     codebooks: torch.Tensor | None = field(default=None, repr=False, compare=False)
     seed: int = 0
 
     def __post_init__(self):
         _validate_k(self.subspaces, self.codewords, self.budget)
-        if self.source not in ("random", "kmeans", "vq"):
-            raise ConfigError(f"source must be random, kmeans or vq, got {self.source!r}")
-        if self.source == "random" and self.codes is not None:
-            raise ConfigError("source='random' draws its own codes; pass source='kmeans' or 'vq' with codes")
-        if self.source != "random" and self.codes is None:
+        if self.source not in ("random", "kmeans", "vq", "stored"):
+            raise ConfigError(f"source must be random, kmeans, vq or stored, got {self.source!r}")
+        if self.source in ("random", "stored") and self.codes is not None:
+            raise ConfigError(f"source={self.source!r} takes no codes; pass source='kmeans' or 'vq' with codes")
+        if self.source == "stored" and (self.subspaces is None or self.codewords is None):
+            raise ConfigError("source='stored' needs subspaces and codewords: the shapes of the stored codes")
+        if self.source in ("kmeans", "vq") and self.codes is None:
             raise ConfigError(f"source={self.source!r} needs codes: build it with ProductQuantization.from_table "
                               f"(kmeans) or DifferentiableVQTable.export (vq)")
         if self.codes is not None:
@@ -373,6 +376,15 @@ class ProductQuantization(Compression):
         return cls(subspaces=subspaces, codewords=codewords, source="kmeans", codes=codes, codebooks=codebooks,
                    seed=seed)
 
+    def stored(self) -> ProductQuantization:
+        """Fitted codes and codebooks go into the package's weights; the config keeps their shapes."""
+        if self.codes is None:
+            return self
+        codewords = self.codewords or (self.codebooks.shape[1] if self.codebooks is not None else None)
+        if codewords is None:
+            raise ConfigError("a ProductQuantization with codes needs codewords or codebooks to be stored")
+        return ProductQuantization(subspaces=self.codes.shape[1], codewords=codewords, source="stored", seed=self.seed)
+
     def build(self, spec: TableSpec, stats: TableStats | None = None) -> ProductQuantizedTable:
         subspaces, codewords = self.subspaces, self.codewords
         if self.codes is not None and subspaces is not None and self.codes.shape[1] != subspaces:
@@ -381,7 +393,9 @@ class ProductQuantization(Compression):
             codewords = self.codebooks.shape[1]
         subspaces, codewords = _resolve(spec, subspaces, codewords, self.budget)
         sub_dim = spec.dim // subspaces
-        if self.codes is None:
+        if self.source == "stored":
+            codes = torch.zeros(spec.num_embeddings, subspaces, dtype=code_dtype(codewords))
+        elif self.codes is None:
             generator = torch.Generator().manual_seed(self.seed)
             codes = torch.randint(0, codewords, (spec.num_embeddings, subspaces), generator=generator)
         else:
@@ -473,6 +487,14 @@ class DifferentiableVQTable(Method):
             self._count += n
         # Straight-through: the value is exactly the codewords, the gradient goes to the query.
         return (chosen.detach() + (sub - sub.detach())).reshape(n, -1)
+
+    def exported(self, weights: list[torch.Tensor]) -> ProductQuantization:
+        """Served as the ``ProductQuantization`` of ``export``: codes and codebooks, no query table."""
+        return self.export(weights[0])
+
+    def budget_bytes(self) -> int:
+        """What the table is served in (codes + codebooks), as the budget counts it."""
+        return pq_bytes(self.spec.num_embeddings, self.spec.dim, self.subspaces, self.codewords)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """Codebook + beta * commitment loss, per id (squared distances summed over D), of the last forward."""

@@ -319,9 +319,10 @@ class CTRTask(ShardedTask):
 
     def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
         """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
-        build = {**self.build, "model": to_config(self.network_factory), "settings": to_config(self.settings)}
+        settings, tensors = self.served_model()
+        build = {**self.build, "model": to_config(self.network_factory), "settings": settings}
         counts = {f"stats.{f}.counts": torch.from_numpy(c.astype(np.int64)) for f, c in self.counts.items()}
-        return "ctr", build, {**self.model_tensors(), **counts}
+        return "ctr", build, {**tensors, **counts}
 
     def collections(self) -> list[CompressedEmbeddings]:
         return [c for c in (self.embeddings, self.first_order) if c is not None]

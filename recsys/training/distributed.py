@@ -35,8 +35,10 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
+from recsys.embeddings.collection import served_form
 from recsys.embeddings.memory import TABLE_KEY
 from recsys.errors import ConfigError
+from recsys.inference.package import to_config
 
 TABLE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
                     "rowwise_adagrad": RowWiseAdagrad, "adam": torch.optim.Adam}
@@ -167,6 +169,12 @@ class ShardedTask:
     def model_tensors(self) -> dict[str, torch.Tensor]:
         """``model.<key>``: the unsharded state dict of ``self.model`` (a collective on several ranks)."""
         return {f"model.{k}": v for k, v in unsharded(self.model.state_dict()).items()}
+
+    def served_model(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The JSON config of ``self.settings`` and the ``model.*`` tensors of the model as it is served: tables
+        with a smaller inference form replaced by it (``served_form``; a collective on several ranks)."""
+        settings, tensors = served_form(self.embeddings, self.settings, self.model_tensors(), "model.embeddings.")
+        return to_config(settings), tensors
 
     def memory(self) -> dict[str, int]:
         return {table: size for c in self.collections() for table, size in c.memory().items()}

@@ -170,9 +170,10 @@ class ComiRec(ShardedTask):
 
     def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
         """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
+        settings, tensors = self.served_model()
         build = {"dim": self.dim, "max_length": self.max_length, "extractor": to_config(self.extractor),
-                 "settings": to_config(self.settings)}
-        return "comirec", build, {**self.model_tensors(), **stats_tensors(self.stats, self.embeddings)}
+                 "settings": settings}
+        return "comirec", build, {**tensors, **stats_tensors(self.stats, self.embeddings)}
 
     @torch.no_grad()
     def item_vectors(self, chunk: int = 65536) -> torch.Tensor:

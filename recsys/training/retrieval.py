@@ -15,7 +15,7 @@ from recsys.data.schemas import ITEM, USER
 from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
 from recsys.embeddings.spec import TableStats
 from recsys.errors import ConfigError
-from recsys.inference.package import stats_tensors, to_config
+from recsys.inference.package import stats_tensors
 from recsys.models.mf import NEG_ITEM, MatrixFactorization, mf_specs
 from recsys.training.distributed import (ShardedTask, ShardingConfig, TableOptimizer, combined_optimizer, optimise,
                                          init_process_group, rank_and_world, rank_share, shard)
@@ -119,8 +119,8 @@ class MFRetrieval(ShardedTask):
 
     def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
         """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
-        build = {"dim": self.dim, "settings": to_config(self.settings)}
-        return "mf", build, {**self.model_tensors(), **stats_tensors(self.stats, self.embeddings)}
+        settings, tensors = self.served_model()
+        return "mf", {"dim": self.dim, "settings": settings}, {**tensors, **stats_tensors(self.stats, self.embeddings)}
 
     @torch.no_grad()
     def embed(self, feature: str, ids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
