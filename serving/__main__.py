@@ -22,7 +22,7 @@ def settings_from(cfg: DictConfig) -> ServingSettings:
     (``tracking.uri``, else ``sqlite:///<paths.root>/mlflow.db``), the admin token the environment's
     ``RECSYS_ADMIN_TOKEN`` (unset or empty: none)."""
     return ServingSettings(model_uri=cfg.model.uri, tracking_uri=instantiate(cfg.tracking).uri, tables=cfg.model.tables,
-                           index=cfg.model.index, host=cfg.host, docs=cfg.docs,
+                           index=cfg.model.index, host=cfg.host, docs=cfg.docs, coalesce_queries=cfg.coalesce_queries,
                            admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
                            min_reload_interval=cfg.admin.min_reload_interval, **cfg.limits)
 

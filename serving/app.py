@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from recsys.inference.scorers import CTRScorer
 from serving import queries
 from serving.admin import ReloadPacer, admin_guard
+from serving.coalesce import Coalescer
 from serving.errors import LoadFailed, NotReady, ReloadBusy, TooEarly, WrongModel, install_handlers
 from serving.limits import BodyLimit
 from serving.metrics import CONTENT_TYPE, Metrics, RecordRequests
@@ -66,11 +67,14 @@ def create_app(settings: ServingSettings, loader=load_model) -> FastAPI:
         except (LoadFailed, ReloadBusy):
             pass  # logged by the holder; /readyz reports it and /admin/reload retries
 
+    coalescer = Coalescer(queries.recommend, settings.coalesce_queries)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         task = asyncio.create_task(first_load())
         yield
         task.cancel()
+        await coalescer.close()
 
     docs = settings.docs  # /docs, /redoc and /openapi.json, or none of them
     app = FastAPI(title="recsys serving", lifespan=lifespan, docs_url="/docs" if docs else None,
@@ -93,12 +97,12 @@ def create_app(settings: ServingSettings, loader=load_model) -> FastAPI:
         return served
 
     @app.post("/recommend", response_model=Union[Recommendation, Recommendations], responses=_errors(*BODY, 409, 503))
-    def recommend(body: Annotated[models.recommend, Body()]):
+    async def recommend(body: Annotated[models.recommend, Body()]):
         """Top-k items for a user (or a batch ``{"requests": [...]}``); unseen users fall back to their history,
-        then to popularity."""
+        then to popularity. Requests that arrive while the model is busy are scored together."""
         served = ranking()
         batch = isinstance(body, models.batch)
-        results = queries.recommend(served, body.requests if batch else [body])
+        results = await coalescer.submit(served, body.requests if batch else [body])
         for r in results:
             if r["fallback"]:
                 metrics.fallbacks.labels(r["source"]).inc()

@@ -33,6 +33,9 @@ class ServingSettings(BaseModel):
     """Largest ``k`` of /recommend and /similar."""
     max_batch: PositiveInt = 256
     """Most queries of a batch /recommend and rows of a /score request."""
+    coalesce_queries: PositiveInt = 64
+    """Most /recommend queries one model call answers: queries that arrive while the model is busy are scored
+    together (``serving.coalesce``); 1 scores every request on its own."""
     max_history: PositiveInt = 1000
     """Most items of a request's ``history``."""
     max_items: PositiveInt = 10_000

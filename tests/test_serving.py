@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -255,6 +256,33 @@ def test_batch_answers_each_query_as_alone(mf_server, mf):
     assert batch["model_version"] == mf["version"]
     assert batch["results"] == [mf_server.post("/recommend", q).json() for q in queries]
     assert [r["source"] for r in batch["results"]] == ["model", "history", "model", "popularity"]
+
+
+def test_concurrent_requests_get_the_answers_they_get_alone(mf_server, mf):
+    """Requests arriving together may be scored by one model call (``serving.coalesce``); each still gets its own
+    answer, whatever its k, filters or fallback."""
+    ids, items = mf["reference"].users.ids, mf["reference"].items.ids
+    queries = [{"user_id": ids[1 + i % 7].item(), "k": 3 + i % 4} for i in range(24)]
+    queries += [{"user_id": "x", "history": items[:2].tolist()}, {"user_id": "y"},
+                {"user_id": ids[2].item(), "excluded_items": [items[0].item()]}]
+    alone = [mf_server.post("/recommend", q).json() for q in queries]
+
+    def ask(query):
+        with requests.post(f"{mf_server.url}/recommend", json=query, timeout=30) as answer:
+            return answer.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, queries))
+    _assert_same_answers(together, alone)
+
+
+def _assert_same_answers(got: list[dict], expected: list[dict]) -> None:
+    """The same answers, scores within float32 rounding: a query scored alone or beside others (one matrix product
+    for several queries) may round differently."""
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-6, atol=1e-7)
+        assert {**a, "scores": None} == {**b, "scores": None}
 
 
 # ---------------------------------------------------------------------------------------------------- /similar
@@ -604,7 +632,7 @@ def test_reload_swaps_in_the_new_champion_without_failing_a_request(mf_server, m
         names = [v for v, _ in versions]
         assert names == sorted(names, key=lambda v: v == new_version)  # old ones, then new ones
         for version, results in versions:
-            assert results == (new if version == new_version else old)["results"]
+            _assert_same_answers(results, (new if version == new_version else old)["results"])
     assert mf_server.get("/readyz").json()["model"]["version"] == new_version
     text = mf_server.get("/metrics").text
     assert _metric(text, "recsys_serving_model_info", name=NAME, version=new_version, family="ease") == 1
