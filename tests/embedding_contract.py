@@ -128,6 +128,14 @@ class EmbeddingContract:
         got = torch.cat([scores for _, scores in chunks], dim=1)
         torch.testing.assert_close(got, queries @ decoded.T, rtol=1e-4, atol=1e-4)
 
+    def test_vectors_of_single_ids_equal_the_lookup(self):
+        """``vectors`` (decoded from the stored rows, no KeyedJaggedTensor) == the collection's forward of one-id bags."""
+        emb = self.method().eval()
+        ids = torch.tensor([0, 5, 1, N - 1, 5])
+        with torch.no_grad():
+            looked_up = emb(KeyedJaggedTensor.from_lengths_sync(["item"], ids, torch.ones(len(ids), dtype=torch.int32)))
+        torch.testing.assert_close(emb.vectors("item", ids), looked_up["item"], rtol=1e-6, atol=1e-6)
+
     def test_no_compression_setting_reproduces_the_full_table(self):
         setting = self.uncompressed(specs()[0])
         if setting is None:

@@ -119,10 +119,33 @@ class CompressedEmbeddings(nn.Module):
     def plain_weight(self, table: str) -> torch.Tensor:
         """The rows of plain table ``table`` (e.g. ``item__hashed``) of an unsharded collection."""
         for module in self.lookups():
-            for key, value in module.state_dict().items():
+            tables = getattr(module, "embedding_bags", None) or getattr(module, "embeddings", None)
+            if isinstance(tables, nn.ModuleDict) and table in tables:  # TorchRec's float modules: no state_dict()
+                return tables[table].weight.detach()
+            for key, value in module.state_dict().items():  # quantized modules keep their rows elsewhere
                 if key.endswith(f".{table}.weight"):
                     return value
         raise ConfigError(f"no plain table '{table}'")
+
+    @torch.no_grad()
+    def vectors(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        """(n, D) vectors of single ids of logical table ``table``, what a forward of one-id bags returns: decoded
+        from float tables directly (``Method.decode``, no KeyedJaggedTensor), looked up through the modules for
+        quantized ones.
+
+        Example:
+            >>> emb = CompressedEmbeddings([TableSpec("item", 100, 8, ("item",))])
+            >>> emb.vectors("item", torch.tensor([3, 5])).shape
+            torch.Size([2, 8])
+        """
+        method = self.methods[table]
+        weights = [self.plain_weight(f"{table}__{t.suffix}") for t in method.plain_tables()]
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if all(w.dtype.is_floating_point and w.dtype != torch.float16 for w in weights):
+            return method.decode(ids, weights)
+        feature = self.specs[table].feature_names[0]
+        return self(KeyedJaggedTensor.from_lengths_sync([feature], ids, torch.ones(len(ids), dtype=torch.int32)))[
+            feature].float()
 
     @torch.no_grad()
     def item_scores(self, table: str, queries: torch.Tensor, chunk: int = 65536) -> Iterator[tuple[int, torch.Tensor]]:
@@ -140,12 +163,9 @@ class CompressedEmbeddings(nn.Module):
         if all(w.dtype.is_floating_point and w.dtype != torch.float16 for w in weights):
             yield from method.item_scores(queries.to(weights[0].dtype), weights, chunk)
             return
-        feature, n = self.specs[table].feature_names[0], self.specs[table].num_embeddings
+        n = self.specs[table].num_embeddings
         for start in range(0, n, chunk):
-            ids = torch.arange(start, min(start + chunk, n))
-            lengths = torch.ones(len(ids), dtype=torch.int32)
-            vectors = self(KeyedJaggedTensor.from_lengths_sync([feature], ids, lengths))[feature]
-            yield start, queries @ vectors.float().T
+            yield start, queries @ self.vectors(table, torch.arange(start, min(start + chunk, n))).T
 
     @property
     def feature_names(self) -> list[str]:

@@ -288,10 +288,9 @@ class MFRecommender(Recommender):
         values = torch.from_numpy(np.concatenate([np.asarray(b, dtype=np.int64) for b in bags]))
         return self.model(KeyedJaggedTensor.from_lengths_sync([feature], values, lengths))[feature]
 
-    @torch.no_grad()
     def _vectors(self, feature: str, ids) -> torch.Tensor:
-        """(n, D) vectors of single ids, looked up from the stored tables in one call."""
-        return self.model(jagged([feature], [np.asarray(ids, dtype=np.int64)]))[feature]
+        """(n, D) vectors of single ids (``feature`` is also its table's name), from the stored tables."""
+        return self.model.embeddings.vectors(feature, torch.from_numpy(np.asarray(ids, dtype=np.int64)))
 
     def queries(self, users: torch.Tensor) -> torch.Tensor:
         return self._vectors(USER, users.numpy()).unsqueeze(1)
