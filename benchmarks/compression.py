@@ -192,14 +192,14 @@ def model_kwargs(cfg) -> dict:
 
 def build_task(cfg, data, embedding=None, epochs: int | None = None):
     """MFRetrieval of cfg.model; ``embedding`` (an EmbeddingSettings object) replaces cfg.embedding."""
-    from recsys.training.retrieval import MFRetrieval
+    from recsys.training.mf import MFRetrieval
     torch.manual_seed(SEED)
     trainer = instantiate(cfg.trainer)
     if epochs is not None:
         trainer.epochs = epochs
     if embedding is None:
         embedding = instantiate(cfg.embedding, _convert_="object")
-    assert cfg.model._target_ == "recsys.training.retrieval.MFRetrieval", cfg.model._target_
+    assert cfg.model._target_ == "recsys.training.mf.MFRetrieval", cfg.model._target_
     return MFRetrieval(data, trainer, embedding=embedding, **model_kwargs(cfg)), trainer
 
 

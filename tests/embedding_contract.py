@@ -171,7 +171,7 @@ def _copy_tables(source: CompressedEmbeddings, target: CompressedEmbeddings) -> 
 def mf_one_epoch(data, tmp_path, compression: Compression, dim: int, batch_size: int = 1024):
     """Trains MF one epoch with both tables compressed; returns (task, loss, full bytes per table)."""
     from recsys.training.loop import TrainerConfig
-    from recsys.training.retrieval import MFRetrieval
+    from recsys.training.mf import MFRetrieval
 
     trainer = TrainerConfig(epochs=1, batch_size=batch_size, checkpoint_dir=str(tmp_path), progress=False)
     task = MFRetrieval(data, trainer, dim=dim, embedding=EmbeddingSettings(default=compression))

@@ -12,7 +12,7 @@ import torch
 from recsys.errors import CheckpointError
 from recsys.training import checkpoint
 from recsys.training.loop import TrainerConfig, fit
-from recsys.training.retrieval import MFRetrieval
+from recsys.training.mf import MFRetrieval
 
 
 def _run(data, directory, epochs: int, resume: bool = False) -> dict:

@@ -135,7 +135,7 @@ def test_a_log_file_gets_one_progress_line_per_epoch(with_valid, tmp_path, monke
 def test_batch_scoring_in_a_log_file_logs_one_line_per_file(tiny_interactions, tmp_path, monkeypatch, caplog, terminal):
     from recsys.inference.batch import BatchSettings, score_parquet
     from recsys.inference.export import package_model
-    from recsys.training.retrieval import MFRetrieval
+    from recsys.training.mf import MFRetrieval
 
     cfg = TrainerConfig(epochs=1, batch_size=256, checkpoint_dir=str(tmp_path / "ck"), progress=False, eval_ks=[10])
     model = MFRetrieval(tiny_interactions, cfg, dim=8)

@@ -10,7 +10,7 @@ from recsys.training.distributed import TableOptimizer
 from recsys.training.loop import TrainerConfig, evaluate, fit
 from tests.model_contract import ModelContract
 from recsys.training.losses import bpr_loss, in_batch_softmax_loss
-from recsys.training.retrieval import MFRetrieval, Negatives
+from recsys.training.mf import MFRetrieval, Negatives
 from recsys.training.sampling import NegativeSampler
 
 

@@ -24,7 +24,7 @@ from recsys.retrieval import Candidates, ItemIndex, aggregate, diversity, multi_
 from recsys.training.distributed import TableOptimizer
 from recsys.training.loop import TrainerConfig
 from recsys.training.losses import sampled_softmax_loss
-from recsys.training.multi_interest import ComiRec, SharedNegatives, recent_histories
+from recsys.training.comirec import ComiRec, SharedNegatives, recent_histories
 from tests.conftest import ROOT
 from tests.model_contract import ModelContract
 

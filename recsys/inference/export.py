@@ -58,15 +58,7 @@ def serving_export(package: Package, directory: str | Path, scorer: Recommender 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     scorer = scorer or load(package)
-    model = package.section("model")
-    if package.family == "ease":
-        items = dict(model)
-    elif package.family == "nbmf":
-        items = {"item_codes": model["item_codes"], "user_factors": model["user_factors"]}
-    elif package.family == "als":
-        items = {"item_vectors": model["item_factors"], "user_vectors": model["user_factors"]}
-    else:
-        items = {}  # models with embedding tables serve them as stored (their quantized copies below)
+    items = scorer.serving_tensors(package)  # models with embedding tables serve them as stored: none
     sizes = {}
     if items:
         sizes["items"] = _save(items, directory / "items.safetensors")

@@ -32,7 +32,6 @@ from recsys.errors import ConfigError
 
 FORMAT = 1
 META, VOCAB, WEIGHTS = "meta.json", "vocab.json", "weights.safetensors"
-FAMILIES = ("mf", "als", "ease", "nbmf", "comirec", "ctr")
 
 
 @dataclass
@@ -40,7 +39,7 @@ class Package:
     """A model's metadata, vocabularies and tensors.
 
     Args:
-        family: one of ``FAMILIES``.
+        family: the model family (``recsys.inference.scorers.SCORERS`` names the class that loads each).
         meta: JSON-serialisable metadata (``build`` arguments, ``config``, ``data``, ``metrics``).
         tensors: name -> tensor; ``model.<key>`` entries are the model's state dict.
         vocabs: feature -> raw ids of indices 1..n (index 0 is OOV).
@@ -50,10 +49,6 @@ class Package:
     meta: dict
     tensors: dict[str, torch.Tensor]
     vocabs: dict[str, list] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ConfigError(f"package family must be one of {FAMILIES}, got {self.family!r}")
 
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors named ``<prefix>.<key>``, keyed by ``<key>``."""

@@ -32,14 +32,15 @@ from recsys.embeddings.memory import tensor_bytes
 from recsys.embeddings.serving_quantization import quantize_tables
 from recsys.errors import ConfigError, DataError
 from recsys.inference.package import META, Package, from_config, stats_from
+from recsys.models import als, ctr, ease, mf, multi_interest, nbmf
 from recsys.models.ease import _csr
-from recsys.models.mf import MatrixFactorization, mf_specs
-from recsys.models.multi_interest import HISTORY, MultiInterest, multi_interest_specs
+from recsys.models.multi_interest import HISTORY
 from recsys.models.nbmf import unpack_codes
 from recsys.retrieval import ItemIndex, multi_interest_retrieve
 from recsys.retrieval.exact import top_k
 
 SOURCES = ("model", "history", "popularity")
+USER_ID, HISTORY_ID = "user_id", "history"  # the input columns of ranking predictions
 CTR_BUILD = {"dim", "first_order", "multi_valued_pooling", "compress_min_rows"}  # ctr_network's plain arguments
 
 
@@ -62,8 +63,11 @@ class Recommender:
 
     family = ""
     uses_index = True  # retrieve through FAISS over item_vectors (False: score every item with the model)
+    has_tables = False  # embedding tables that ``tables="int8"`` etc. quantize
 
-    def __init__(self, package: Package, index: str = "Flat"):
+    def __init__(self, package: Package, tables: str = "float", index: str = "Flat"):
+        if tables != "float" and not self.has_tables:
+            raise ConfigError(f"{package.family} has no embedding tables to quantize; use tables=float")
         self.users, self.items = package.vocabulary(USER), package.vocabulary(ITEM)
         self.n_items = len(self.items)
         t = package.tensors
@@ -77,6 +81,34 @@ class Recommender:
     def memory(self) -> dict[str, int]:
         """Bytes the loaded model holds, by attribute (``held_bytes``)."""
         return held_bytes(self)
+
+    def serving_tensors(self, package: Package) -> dict[str, torch.Tensor]:
+        """What a server without this code would need besides the package (``recsys.inference.export.serving_export``):
+        item and user vectors, EASE's B, NBMF's bit-packed codes. Models with tables serve them as stored: none."""
+        return {}
+
+    def example_input(self, rows: int = 3) -> pd.DataFrame:
+        """A few valid input rows (known users) for the pyfunc signature."""
+        return pd.DataFrame({USER_ID: self.users.ids[:rows].tolist()})
+
+    default_params = {"k": 10, "exclude_seen": True}  # the pyfunc's params and their defaults
+
+    def predict_frame(self, frame: pd.DataFrame, params: dict) -> pd.DataFrame:
+        """``user_id`` (+ optional ``history``) -> ``items``, ``scores``, ``source`` per row (params ``k``,
+        ``exclude_seen``): the pyfunc's and batch scoring's format."""
+        if USER_ID not in frame.columns:
+            raise DataError(f"ranking input needs a '{USER_ID}' column; got {list(frame.columns)}")
+        k = int(params.get("k", self.default_params["k"]))
+        if k < 1:
+            raise DataError(f"k must be >= 1, got {k}")
+        users = self.user_index(frame[USER_ID].tolist())
+        histories = None
+        if HISTORY_ID in frame.columns:
+            histories = [None if not isinstance(h, (list, tuple, np.ndarray)) or len(h) == 0
+                         else self.item_index(list(h)) for h in frame[HISTORY_ID]]
+        found = self.recommend(users, k, histories, exclude_seen=bool(params.get("exclude_seen", True)))
+        return pd.DataFrame({"items": [r.items.tolist() for r in found], "scores": [r.scores.tolist() for r in found],
+                             "source": [r.source for r in found]}, index=frame.index)
 
     # ------------------------------------------------------------------ ids
     def user_index(self, raw) -> np.ndarray:
@@ -245,8 +277,9 @@ class Recommender:
 class VectorRecommender(Recommender):
     """MF and ALS: fixed user and item vectors, score = inner product."""
 
-    def __init__(self, package: Package, users: torch.Tensor, items: torch.Tensor, index: str = "Flat"):
-        super().__init__(package, index)
+    def __init__(self, package: Package, users: torch.Tensor, items: torch.Tensor, tables: str = "float",
+                 index: str = "Flat"):
+        super().__init__(package, tables, index)
         self.user_matrix, self.item_matrix = users.float(), items.float()
 
     def queries(self, users: torch.Tensor) -> torch.Tensor:
@@ -254,6 +287,19 @@ class VectorRecommender(Recommender):
 
     def item_vectors(self) -> torch.Tensor:
         return self.item_matrix
+
+
+class ALSRecommender(VectorRecommender):
+    """ALS: the solved user and item factors."""
+
+    family = als.FAMILY
+
+    def __init__(self, package: Package, tables: str = "float", index: str = "Flat"):
+        model = package.section("model")
+        super().__init__(package, model["user_factors"], model["item_factors"], tables, index)
+
+    def serving_tensors(self, package: Package) -> dict[str, torch.Tensor]:
+        return {"item_vectors": self.item_matrix, "user_vectors": self.user_matrix}
 
 
 class MFRecommender(Recommender):
@@ -267,16 +313,13 @@ class MFRecommender(Recommender):
         index: ``Flat`` (exact, from the stored tables) or a FAISS ``index_factory`` string.
     """
 
-    family = "mf"
+    family, has_tables = mf.FAMILY, True
 
     def __init__(self, package: Package, tables: str = "float", index: str = "Flat"):
-        super().__init__(package, index)
+        super().__init__(package, tables, index)
         build = package.meta["build"]
-        n_users = len(self.users)
-        stats = stats_from(package)
-        specs = mf_specs(n_users, self.n_items, build["dim"])
-        self.model = MatrixFactorization(CompressedEmbeddings(specs, from_config(build["settings"], "build.settings"),
-                                                              stats))
+        self.model = mf.MatrixFactorization.build(len(self.users), self.n_items, build["dim"],
+                                                  from_config(build["settings"], "build.settings"), stats_from(package))
         load_weights(self.model, package)
         quantize(self.model.eval(), tables)
         self.uses_index = index != "Flat"
@@ -323,12 +366,16 @@ class MFRecommender(Recommender):
 class NBMFRecommender(VectorRecommender):
     """NBMF: non-negative user weights W and bit-packed binary item codes H; score w_u . h_i over every item."""
 
-    family, uses_index = "nbmf", False
+    family, uses_index = nbmf.FAMILY, False
 
-    def __init__(self, package: Package, index: str = "Flat"):
+    def __init__(self, package: Package, tables: str = "float", index: str = "Flat"):
         model = package.section("model")
         codes = unpack_codes(model["item_codes"], package.meta["build"]["factors"], torch.float32)
-        super().__init__(package, model["user_factors"], codes, index)
+        super().__init__(package, model["user_factors"], codes, tables, index)
+
+    def serving_tensors(self, package: Package) -> dict[str, torch.Tensor]:
+        model = package.section("model")
+        return {"item_codes": model["item_codes"], "user_factors": model["user_factors"]}
 
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         return self.user_matrix[users.long()] @ self.item_matrix.T
@@ -337,17 +384,15 @@ class NBMFRecommender(VectorRecommender):
 class ComiRecRecommender(Recommender):
     """ComiRec: K interests extracted from the user's last ``max_length`` items; score max_k v_k . e_i."""
 
-    family = "comirec"
+    family, has_tables = multi_interest.FAMILY, True
 
     def __init__(self, package: Package, tables: str = "float", index: str = "Flat"):
-        super().__init__(package, index)
+        super().__init__(package, tables, index)
         build = package.meta["build"]
-        settings = from_config(build["settings"], "build.settings")
-        stats = stats_from(package)
         self.max_length = build["max_length"]
-        embeddings = CompressedEmbeddings(multi_interest_specs(self.n_items, build["dim"]), settings, stats)
-        extractor = from_config(build["extractor"], "build.extractor")
-        self.model = MultiInterest(embeddings, extractor.build(build["dim"], self.max_length))
+        self.model = multi_interest.MultiInterest.build(
+            self.n_items, build["dim"], self.max_length, from_config(build["extractor"], "build.extractor"),
+            from_config(build["settings"], "build.settings"), stats_from(package))
         load_weights(self.model, package)
         quantize(self.model.eval(), tables)
         with torch.no_grad():
@@ -371,10 +416,10 @@ class ComiRecRecommender(Recommender):
 class EASERecommender(Recommender):
     """EASE: scores x B of the user's item set x, with B dense or pruned (stored sparse)."""
 
-    family, uses_index = "ease", False
+    family, uses_index = ease.FAMILY, False
 
-    def __init__(self, package: Package, index: str = "Flat"):
-        super().__init__(package, index)
+    def __init__(self, package: Package, tables: str = "float", index: str = "Flat"):
+        super().__init__(package, tables, index)
         model = package.section("model")
         self.kept = model["items"].long()
         m = len(self.kept)
@@ -403,6 +448,9 @@ class EASERecommender(Recommender):
         """Row i of B: how much having item i raises each item's score."""
         return self.score_histories([np.array([i]) for i in items])
 
+    def serving_tensors(self, package: Package) -> dict[str, torch.Tensor]:
+        return package.section("model")
+
 
 class CTRScorer:
     """A CTR model (DLRM, DCNv2, DeepFM) from its package: click probabilities of raw rows.
@@ -412,9 +460,10 @@ class CTRScorer:
         tables: ``float`` or ``int8``/``int4``/``fp16`` (TorchRec's quantized tables, FBGEMM kernels).
     """
 
-    family = "ctr"
+    family = ctr.FAMILY
+    default_params: dict = {}
 
-    def __init__(self, package: Package, tables: str = "float"):
+    def __init__(self, package: Package, tables: str = "float", index: str = "Flat"):
         from recsys.training.ctr import ctr_network  # the training module: imported only for CTR packages
 
         data, build = package.meta["data"], dict(package.meta["build"])
@@ -435,6 +484,20 @@ class CTRScorer:
     def memory(self) -> dict[str, int]:
         """Bytes the loaded model holds, by attribute (``held_bytes``)."""
         return held_bytes(self)
+
+    def serving_tensors(self, package: Package) -> dict[str, torch.Tensor]:
+        return {}
+
+    def example_input(self, rows: int = 3) -> pd.DataFrame:
+        """A few valid raw rows (dense 0, each field's most frequent id) for the pyfunc signature."""
+        frame = {name: [0.0] * rows for name in self.schema.dense}
+        frame |= {f: [self.vocabs[f].ids[0].item()] * rows for f in self.schema.sparse}
+        frame |= {f: [[self.vocabs[f].ids[0].item()]] * rows for f in self.schema.multi_valued}
+        return pd.DataFrame(frame)
+
+    def predict_frame(self, frame: pd.DataFrame, params: dict) -> pd.DataFrame:
+        """Raw feature columns -> ``probability`` per row: the pyfunc's and batch scoring's format."""
+        return pd.DataFrame({"probability": self.predict(frame)}, index=frame.index)
 
     @property
     def columns(self) -> list[str]:
@@ -596,25 +659,8 @@ def lookup(vocab: Vocabulary, raw, missing: str = "oov") -> np.ndarray:
     return out
 
 
-def _als(package: Package, tables: str, index: str) -> Recommender:
-    model = package.section("model")
-    recommender = VectorRecommender(package, model["user_factors"], model["item_factors"], index)
-    recommender.family = "als"
-    return recommender
-
-
-def _table_free(cls):
-    def build(package: Package, tables: str, index: str):
-        if tables != "float":
-            raise ConfigError(f"{package.family} has no embedding tables to quantize; use tables=float")
-        return cls(package, index=index)
-    return build
-
-
-LOADERS = {"mf": lambda p, tables, index: MFRecommender(p, tables, index), "als": _als,
-           "nbmf": _table_free(NBMFRecommender), "ease": _table_free(EASERecommender),
-           "comirec": lambda p, tables, index: ComiRecRecommender(p, tables, index),
-           "ctr": lambda p, tables, index: CTRScorer(p, tables)}
+SCORERS = {cls.family: cls for cls in (MFRecommender, ALSRecommender, NBMFRecommender, EASERecommender,
+                                       ComiRecRecommender, CTRScorer)}  # a package's family -> the class that loads it
 
 
 def load(source: str | Path | Package, tables: str = "float", index: str = "Flat") -> Recommender | CTRScorer:
@@ -628,4 +674,6 @@ def load(source: str | Path | Package, tables: str = "float", index: str = "Flat
             ``IVF256,PQ16``...).
     """
     package = source if isinstance(source, Package) else Package.load(source)
-    return LOADERS[package.family](package, tables, index)
+    if package.family not in SCORERS:
+        raise ConfigError(f"package family must be one of {sorted(SCORERS)}, got {package.family!r}")
+    return SCORERS[package.family](package, tables, index)

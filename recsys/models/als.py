@@ -49,6 +49,8 @@ _LOSS_CHUNK = 1 << 14  # observed cells per chunk of the loss: its float64 gathe
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _SOLVERS = ("cholesky", "cg")
 
+FAMILY = "als"  # the family name of its model packages
+
 
 def _csr_tensors(matrix: sp.spmatrix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(indptr, indices, values) int64/int64/float64 tensors of a canonical CSR copy."""
@@ -420,4 +422,4 @@ class ImplicitALS:
 
     def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
         """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
-        return "als", {"factors": self.factors}, {f"model.{k}": v for k, v in self.state().items()}
+        return FAMILY, {"factors": self.factors}, {f"model.{k}": v for k, v in self.state().items()}

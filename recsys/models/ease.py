@@ -34,6 +34,8 @@ from recsys.training.loop import TrainerConfig
 BLOCK_ELEMENTS = 1 << 22  # elements of one block of rows handled at once (Gram products, pruning)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+FAMILY = "ease"  # the family name of its model packages
+
 
 def available_memory() -> int:
     """Bytes the kernel reports as available (``MemAvailable`` of /proc/meminfo, else free pages)."""
@@ -356,7 +358,7 @@ class EASE:
         else:
             nnz = int(self.indptr[-1])
             weights = {"values": self.values[:nnz], "indices": self.indices[:nnz], "indptr": self.indptr}
-        return "ease", {"n_items": self.data.n_items}, {f"model.{k}": v for k, v in {**weights, "items": self.items}.items()}
+        return FAMILY, {"n_items": self.data.n_items}, {f"model.{k}": v for k, v in {**weights, "items": self.items}.items()}
 
     def memory_parts(self) -> dict[str, int]:
         """Bytes of every stored tensor of ``B``: ``item_item/<part>``, with the kept items' id map."""

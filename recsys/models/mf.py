@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from recsys.data.schemas import ITEM, USER
-from recsys.embeddings.collection import CompressedEmbeddings
-from recsys.embeddings.spec import TableSpec
+from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
+from recsys.embeddings.spec import TableSpec, TableStats
 
 NEG_ITEM = "neg_item"
+FAMILY = "mf"  # the family name of MF model packages
 
 
 def mf_specs(n_users: int, n_items: int, dim: int) -> list[TableSpec]:
@@ -36,6 +39,13 @@ class MatrixFactorization(nn.Module):
     def __init__(self, embeddings: CompressedEmbeddings):
         super().__init__()
         self.embeddings = embeddings
+
+    @classmethod
+    def build(cls, n_users: int, n_items: int, dim: int, settings: EmbeddingSettings | None = None,
+              stats: Mapping[str, TableStats] | None = None, device: torch.device | None = None) -> MatrixFactorization:
+        """MF over the ``mf_specs`` tables stored as ``settings`` says: what training builds from the prepared data
+        and loading builds from a package (vocabulary sizes and table stats from either)."""
+        return cls(CompressedEmbeddings(mf_specs(n_users, n_items, dim), settings, stats, device=device))
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """features with keys among (user, item, neg_item), stride B -> {feature: (B, D)}."""

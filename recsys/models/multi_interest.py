@@ -8,18 +8,21 @@ positional parameters mean "how long ago", and padding sits at the end of each r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from recsys.data.schemas import ITEM
-from recsys.embeddings.collection import CompressedEmbeddings
-from recsys.embeddings.spec import TableSpec
+from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
+from recsys.embeddings.spec import TableSpec, TableStats
 from recsys.models.settings import check, is_int, is_number
 
 HISTORY = "history"
 NEG_ITEM = "neg_item"
+
+FAMILY = "comirec"  # the family name of ComiRec model packages
 
 
 def multi_interest_specs(n_items: int, dim: int) -> list[TableSpec]:
@@ -189,6 +192,15 @@ class MultiInterest(nn.Module):
         super().__init__()
         self.embeddings = embeddings
         self.extractor = extractor
+
+    @classmethod
+    def build(cls, n_items: int, dim: int, max_length: int, extractor: DynamicRouting | SelfAttention,
+              settings: EmbeddingSettings | None = None, stats: Mapping[str, TableStats] | None = None,
+              device: torch.device | None = None) -> MultiInterest:
+        """ComiRec over the ``multi_interest_specs`` table stored as ``settings`` says, interests extracted as
+        ``extractor`` says: what training builds from the prepared data and loading builds from a package."""
+        embeddings = CompressedEmbeddings(multi_interest_specs(n_items, dim), settings, stats, device=device)
+        return cls(embeddings, extractor.build(dim, max_length))
 
     def forward(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """features with keys among (history, item, neg_item) -> ((B, K, D) interests of the histories or

@@ -56,6 +56,8 @@ DEVICES = ("auto", "cpu", "cuda")
 _LOSS_CHUNK = 1 << 16  # cells per chunk of the loss
 QUBO_ELEMENTS = 1 << 23  # QUBO matrix elements of the items solved at once by the H step
 
+FAMILY = "nbmf"  # the family name of its model packages
+
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     """Packs 0/1 codes (N, k) into (N, ceil(k / 8)) uint8, bit j of a row in byte j // 8 at position j % 8.
@@ -462,7 +464,7 @@ class NBMF:
 
     def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
         """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
-        return "nbmf", {"factors": self.factors}, {f"model.{k}": v for k, v in self.state().items()}
+        return FAMILY, {"factors": self.factors}, {f"model.{k}": v for k, v in self.state().items()}
 
     def memory(self) -> dict[str, int]:
         """``{"user": bytes of W (float32), "item": bytes of the packed codes (ceil(k / 8) per item)}``."""

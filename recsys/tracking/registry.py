@@ -26,7 +26,7 @@ from recsys.errors import ConfigError
 from recsys.inference.export import serving_export
 from recsys.inference.package import META, VOCAB, WEIGHTS, Package
 from recsys.inference.predict import predict_frame
-from recsys.inference.scorers import CTRScorer, load
+from recsys.inference.scorers import load
 from recsys.tracking.mlflow_run import metric_name
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -43,13 +43,7 @@ REQUIREMENTS = ["torch==2.13.0", "fbgemm-gpu-cpu==1.8.0", "torchrec==1.8.0", "ml
 
 def example_input(package: Package, scorer=None, rows: int = 3) -> pd.DataFrame:
     """A few valid input rows for the model's signature: known users, or CTR rows of the most common ids."""
-    scorer = scorer or load(package)
-    if isinstance(scorer, CTRScorer):
-        frame = {name: [0.0] * rows for name in scorer.schema.dense}
-        frame |= {f: [package.vocabs[f][0]] * rows for f in scorer.schema.sparse}
-        frame |= {f: [[package.vocabs[f][0]]] * rows for f in scorer.schema.multi_valued}
-        return pd.DataFrame(frame)
-    return pd.DataFrame({"user_id": package.vocabs["user"][:rows]})
+    return (scorer or load(package)).example_input(rows)
 
 
 def log_package(package: Package, name: str = MODEL_ARTIFACT) -> dict:
@@ -60,7 +54,7 @@ def log_package(package: Package, name: str = MODEL_ARTIFACT) -> dict:
         scorer = load(package)
         sizes = serving_export(package, Path(tmp) / "serving", scorer)
         example = example_input(package, scorer)
-        params = {} if isinstance(scorer, CTRScorer) else {"k": 10, "exclude_seen": True}
+        params = dict(scorer.default_params)
         signature = infer_signature(example, predict_frame(scorer, example, params), params=params or None)
         info = mlflow.pyfunc.log_model(name=name, python_model=str(PYFUNC_CODE), artifacts={"package": str(directory)},
                                        code_paths=[str(LIBRARY)], signature=signature, pip_requirements=REQUIREMENTS,

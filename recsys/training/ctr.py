@@ -25,6 +25,7 @@ from recsys.embeddings.memory import TABLE_KEY
 from recsys.embeddings.spec import TableSpec, TableStats
 from recsys.errors import ConfigError
 from recsys.inference.package import to_config
+from recsys.models.ctr import FAMILY
 from recsys.models.ctr.fields import FIRST_ORDER_SUFFIX, FIRST_ORDER_WIDTH, field_specs
 from recsys.models.settings import check, is_int, is_number
 from recsys.training.distributed import (ShardedTask, ShardingConfig, TableOptimizer, all_sum, combined_optimizer, device,
@@ -322,7 +323,7 @@ class CTRTask(ShardedTask):
         settings, tensors = self.served_model()
         build = {**self.build, "model": to_config(self.network_factory), "settings": settings}
         counts = {f"stats.{f}.counts": torch.from_numpy(c.astype(np.int64)) for f, c in self.counts.items()}
-        return "ctr", build, {**tensors, **counts}
+        return FAMILY, build, {**tensors, **counts}
 
     def collections(self) -> list[CompressedEmbeddings]:
         return [c for c in (self.embeddings, self.first_order) if c is not None]

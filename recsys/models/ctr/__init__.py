@@ -14,5 +14,7 @@ from recsys.models.ctr.deepfm import DeepFM, factorization_machine
 from recsys.models.ctr.dlrm import DLRM
 from recsys.models.ctr.fields import FIRST_ORDER_SUFFIX, FIRST_ORDER_WIDTH, field_specs
 
-__all__ = ["Cross", "DCNv2", "DLRM", "DeepFM", "FIRST_ORDER_SUFFIX", "FIRST_ORDER_WIDTH", "factorization_machine",
+FAMILY = "ctr"  # the family name of CTR model packages (DLRM, DCNv2, DeepFM)
+
+__all__ = ["FAMILY", "Cross", "DCNv2", "DLRM", "DeepFM", "FIRST_ORDER_SUFFIX", "FIRST_ORDER_WIDTH", "factorization_machine",
            "field_specs"]

@@ -12,12 +12,11 @@ from tqdm.auto import tqdm
 
 from recsys.data.dataset import PreparedData
 from recsys.data.schemas import ITEM
-from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
+from recsys.embeddings.collection import EmbeddingSettings
 from recsys.embeddings.spec import TableStats
 from recsys.errors import ConfigError
 from recsys.inference.package import stats_tensors, to_config
-from recsys.models.multi_interest import (HISTORY, NEG_ITEM, DynamicRouting, MultiInterest, SelfAttention,
-                                          multi_interest_specs)
+from recsys.models.multi_interest import FAMILY, HISTORY, NEG_ITEM, DynamicRouting, MultiInterest, SelfAttention
 from recsys.models.settings import check, is_int, is_number
 from recsys.training.distributed import (ShardedTask, ShardingConfig, TableOptimizer, combined_optimizer, optimise,
                                          init_process_group, rank_and_world, rank_share, shard)
@@ -126,11 +125,12 @@ class ComiRec(ShardedTask):
         torch.manual_seed(trainer.seed)
         self.stats = {ITEM: TableStats(counts, data.clusters(ITEM), data.graph("train"), "item")}
         self.settings, self.extractor, self.dim = embedding or EmbeddingSettings(), extractor, dim
-        self.embeddings = CompressedEmbeddings(multi_interest_specs(data.n_items, dim), self.settings, self.stats,
-                                               device=torch.device("meta"))
+        model = MultiInterest.build(data.n_items, dim, max_length, extractor, self.settings, self.stats,
+                                    torch.device("meta"))
+        self.embeddings = model.embeddings
         table_optimizer = table_optimizer or TableOptimizer()
         table_optimizer.apply(self.embeddings)
-        self.model = shard(MultiInterest(self.embeddings, extractor.build(dim, max_length)), sharding)
+        self.model = shard(model, sharding)
         self.optimizer = combined_optimizer(self.model, table_optimizer, lr=dense_lr)
 
     def train_epoch(self, epoch: int, progress: tqdm | None) -> dict[str, float]:
@@ -173,7 +173,7 @@ class ComiRec(ShardedTask):
         settings, tensors = self.served_model()
         build = {"dim": self.dim, "max_length": self.max_length, "extractor": to_config(self.extractor),
                  "settings": settings}
-        return "comirec", build, {**tensors, **stats_tensors(self.stats, self.embeddings)}
+        return FAMILY, build, {**tensors, **stats_tensors(self.stats, self.embeddings)}
 
     @torch.no_grad()
     def item_vectors(self, chunk: int = 65536) -> torch.Tensor:

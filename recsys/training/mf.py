@@ -12,11 +12,11 @@ from tqdm.auto import tqdm
 from recsys.data.batching import ParquetBatches, interactions_to_batch, jagged
 from recsys.data.dataset import PreparedData
 from recsys.data.schemas import ITEM, USER
-from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
+from recsys.embeddings.collection import EmbeddingSettings
 from recsys.embeddings.spec import TableStats
 from recsys.errors import ConfigError
 from recsys.inference.package import stats_tensors
-from recsys.models.mf import NEG_ITEM, MatrixFactorization, mf_specs
+from recsys.models.mf import FAMILY, NEG_ITEM, MatrixFactorization
 from recsys.training.distributed import (ShardedTask, ShardingConfig, TableOptimizer, combined_optimizer, optimise,
                                          init_process_group, rank_and_world, rank_share, shard)
 from recsys.training.loop import TrainerConfig
@@ -81,13 +81,11 @@ class MFRetrieval(ShardedTask):
         stats = {USER: TableStats(np.bincount(graph.users, minlength=data.n_users), data.clusters(USER), graph, "user"),
                  ITEM: TableStats(counts, data.clusters(ITEM), graph, "item")}
         self.dim, self.settings, self.stats = dim, embedding or EmbeddingSettings(), stats
-        embeddings = CompressedEmbeddings(mf_specs(data.n_users, data.n_items, dim), self.settings, stats,
-                                          device=torch.device("meta"))
-        table_optimizer = table_optimizer or TableOptimizer()
-        table_optimizer.apply(embeddings)
-        self.model = shard(MatrixFactorization(embeddings), sharding)
-        self.embeddings = embeddings
-        self.optimizer = combined_optimizer(self.model, table_optimizer)
+        model = MatrixFactorization.build(data.n_users, data.n_items, dim, self.settings, stats, torch.device("meta"))
+        self.embeddings = model.embeddings
+        (table_optimizer or TableOptimizer()).apply(self.embeddings)
+        self.model = shard(model, sharding)
+        self.optimizer = combined_optimizer(self.model, table_optimizer or TableOptimizer())
 
     def train_epoch(self, epoch: int, progress: tqdm | None) -> dict[str, float]:
         self.model.train()
@@ -120,7 +118,7 @@ class MFRetrieval(ShardedTask):
     def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
         """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
         settings, tensors = self.served_model()
-        return "mf", {"dim": self.dim, "settings": settings}, {**tensors, **stats_tensors(self.stats, self.embeddings)}
+        return FAMILY, {"dim": self.dim, "settings": settings}, {**tensors, **stats_tensors(self.stats, self.embeddings)}
 
     @torch.no_grad()
     def embed(self, feature: str, ids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
