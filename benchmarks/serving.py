@@ -164,7 +164,9 @@ def methods(budget: float) -> dict[str, list[str]]:
 
 def catalog(args) -> list[str]:
     return [f"data.source.generator.n_users={args.users}", f"data.source.generator.n_items={args.items}",
-            f"data.source.generator.n_interactions={args.interactions}"]
+            f"data.source.generator.n_interactions={args.interactions}",
+            f"data.source.generator.popularity_exponent={args.popularity_exponent}",
+            f"data.source.generator.affinity={args.affinity}"]
 
 
 def build_package(name: str, data_name: str, overrides: list[str]) -> dict:
@@ -490,7 +492,10 @@ def main() -> None:
     parser.add_argument("part", nargs="?", default="run", choices=["run", "load"])
     parser.add_argument("--users", type=int, default=200_000)
     parser.add_argument("--items", type=int, default=500_000)
-    parser.add_argument("--interactions", type=int, default=2_000_000)
+    parser.add_argument("--interactions", type=int, default=3_000_000)
+    parser.add_argument("--popularity-exponent", type=float, default=0.5,
+                        help="Zipf exponent of item popularity: low enough that nearly every item has an interaction")
+    parser.add_argument("--affinity", type=float, default=1.0, help="weight of taste against popularity")
     parser.add_argument("--budget", type=float, default=0.0625)
     parser.add_argument("--methods", nargs="+", default=["vq_e2e", "product_quantization", "quotient_remainder",
                                                          "hashing"])

@@ -71,10 +71,9 @@ class Recommender:
         self.users, self.items = package.vocabulary(USER), package.vocabulary(ITEM)
         self.n_items = len(self.items)
         t = package.tensors
-        self._history = (t["history.indptr"].numpy(), t["history.indices"].numpy())
-        self._exclude = (t["exclude.indptr"].numpy(), t["exclude.indices"].numpy()) if "exclude.indptr" in t \
-            else self._history
-        self.popularity = t["popularity"].double().numpy()
+        self._history = _item_lists(t, "history")
+        self._exclude = _item_lists(t, "exclude") if "exclude.indptr" in t else self._history
+        self.popularity = t["popularity"].float().numpy()
         self.index_factory = index
         self.index = None
 
@@ -218,7 +217,7 @@ class Recommender:
         elif source == "history":
             scores = self.score_histories(histories).double()
         else:
-            scores = torch.from_numpy(self.popularity).expand(len(users), -1).clone()
+            scores = torch.from_numpy(self.popularity).double().expand(len(users), -1).clone()
         mask = torch.zeros_like(scores, dtype=torch.bool)
         if allowed is not None:
             mask[:] = True
@@ -272,6 +271,11 @@ class Recommender:
             kept = torch.isfinite(values)
             items, values = items[kept].numpy(), values[kept].float().numpy()
         return (self.items.raw(items) if len(items) else items), values.astype(np.float32)
+
+
+def _item_lists(tensors: dict[str, torch.Tensor], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A CSR list of item lists (``<name>.indptr``, ``<name>.indices``), its item indices held as int32."""
+    return tensors[f"{name}.indptr"].numpy(), tensors[f"{name}.indices"].to(torch.int32).numpy()
 
 
 class VectorRecommender(Recommender):
