@@ -87,5 +87,6 @@ class GraphHash(Compression):
             return GraphHashTable(spec, clusters if fits else fold_clusters(clusters, target))
         if stats is None or stats.graph is None or stats.side is None:
             raise ConfigError(f"GraphHash on table '{spec.name}' needs the training graph or precomputed clusters "
-                              "(TableStats.graph and side, or TableStats.clusters)")
+                              "(TableStats.graph and side, or TableStats.clusters): it clusters a user-item interaction "
+                              "graph, which CTR fields do not have; choose another compression method")
         return GraphHashTable(spec, clusters_near(stats.graph, stats.side, target, self.seed))

@@ -20,7 +20,6 @@ from recsys.data.dataset import PreparedData
 from recsys.data.schemas import CTRSchema
 from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
 from recsys.embeddings.full import Full
-from recsys.embeddings.graph_hash import GraphHash
 from recsys.embeddings.memory import TABLE_KEY
 from recsys.embeddings.spec import TableSpec, TableStats
 from recsys.errors import ConfigError
@@ -132,14 +131,6 @@ def _collection(specs: list[TableSpec], settings: EmbeddingSettings, counts: dic
     return CompressedEmbeddings(specs, settings, stats, device=device)
 
 
-def _check_compression(settings: EmbeddingSettings) -> None:
-    """Rejects methods CTR data cannot feed (GraphHash clusters a user-item graph)."""
-    for name, compression in [("default", settings.default), *settings.tables.items()]:
-        if isinstance(compression, GraphHash):
-            raise ConfigError(f"embedding ({name}) is graph_hash, which clusters a user-item interaction graph; "
-                              "CTR data has no such graph: choose another compression method")
-
-
 def _first_order_settings(settings: EmbeddingSettings, first_order: str) -> EmbeddingSettings:
     """Full first-order tables, or the fields' compression (per-table overrides renamed to ``<field>_linear``)."""
     if first_order == "full":
@@ -216,7 +207,6 @@ class CTRTask(ShardedTask):
         schema, settings = data.ctr_schema, embedding or EmbeddingSettings()
         if not schema.sparse_features:
             raise ConfigError(f"{data.root} has no sparse features; the CTR models embed at least one")
-        _check_compression(settings)
         takes_first_order = "first_order" in inspect.signature(model).parameters
         if first_order != "none" and not takes_first_order:
             raise ConfigError(f"model.first_order={first_order!r} is invalid: the model takes no first-order tables; "
