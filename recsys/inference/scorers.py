@@ -40,6 +40,7 @@ from recsys.retrieval import ItemIndex, multi_interest_retrieve
 from recsys.retrieval.exact import top_k
 
 SOURCES = ("model", "history", "popularity")
+SCORE_BLOCK = 1 << 22  # scores per block of exact top-k over stored tables (16 MiB of float32)
 CTR_BUILD = {"dim", "first_order", "multi_valued_pooling", "compress_min_rows"}  # ctr_network's plain arguments
 
 
@@ -304,8 +305,9 @@ class MFRecommender(Recommender):
         return (self._bags(ITEM, histories) / lengths.unsqueeze(1)).unsqueeze(1)
 
     def item_blocks(self, queries: torch.Tensor):
-        """(B, D) queries -> ``(start, (B, n) scores)`` blocks over every item, from the stored tables."""
-        return self.model.embeddings.item_scores(ITEM, queries)
+        """(B, D) queries -> ``(start, (B, n) scores)`` blocks over every item, from the stored tables: blocks of
+        ``SCORE_BLOCK`` scores, so a few queries score every item in one block."""
+        return self.model.embeddings.item_scores(ITEM, queries, chunk=max(1, SCORE_BLOCK // len(queries)))
 
     def item_vectors(self) -> torch.Tensor:
         """(N, D) decoded item vectors (only for an approximate FAISS index, never for exact retrieval)."""
