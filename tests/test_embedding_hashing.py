@@ -88,6 +88,16 @@ def test_hash_ids_matches_the_reference_on_random_64_bit_ids_and_any_integer_dty
     assert torch.equal(hash_ids(small, 0, 50), hash_ids(small.long(), 0, 50))
 
 
+def test_the_cpu_and_the_any_device_arithmetic_hash_alike():
+    """CPU tensors hash in numpy's wrapping uint64 arithmetic, other devices in int64 limbs: the same buckets."""
+    from recsys.embeddings.hashing import _hash_limbs
+
+    ids = torch.from_numpy(np.random.default_rng(1).integers(-(2**63), 2**63 - 1, size=5000, dtype=np.int64))
+    ids = torch.cat([ids, torch.tensor(PINNED_IDS)])
+    for seed, modulus in [(0, 1), (0, 1000), (2**32 + 5, 2**40), (-3, 2**63 - 1)]:
+        assert torch.equal(hash_ids(ids, seed, modulus), _hash_limbs(ids, seed, modulus))
+
+
 def test_hash_ids_are_identical_in_a_separate_process():
     ids = torch.arange(-50, 5000, 7)
     code = ("import torch; from recsys.embeddings.hashing import hash_ids; "

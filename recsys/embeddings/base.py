@@ -104,13 +104,13 @@ class Method(nn.Module, ABC):
         rows = [weights[t] for t in self.stream_tables()]
         scored = [u @ r.T if u.shape[0] * r.shape[0] <= PRECOMPUTED_SCORES else None for u, r in zip(adjoint, rows)]
         for start in range(0, n, chunk):
-            ids = torch.arange(start, min(start + chunk, n))
-            total = queries.new_zeros(queries.shape[0], len(ids))
-            for stream, u, r, s in zip(self.transform(ids), adjoint, rows, scored):
-                valid = stream >= 0
-                picked = stream.clamp(min=0)
+            total = None
+            for stream, u, r, s in zip(self.transform(torch.arange(start, min(start + chunk, n))), adjoint, rows, scored):
+                every = len(stream) == 0 or int(stream.min()) >= 0  # every id reads a row of this stream
+                picked = stream if every else stream.clamp(min=0)
                 part = s[:, picked] if s is not None else u @ r[picked].T
-                total += part if bool(valid.all()) else part * valid
+                part = part if every else part * (stream >= 0)
+                total = part if total is None else total.add_(part)
             yield start, total
 
     def exported(self, weights: list[torch.Tensor]) -> Compression | None:

@@ -115,6 +115,13 @@ def hash_ids(ids: torch.Tensor, seed: int, modulus: int) -> torch.Tensor:
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ConfigError(f"hash_ids: ids must be an integer tensor, got dtype {ids.dtype}")
     x = ids.to(torch.int64)
+    if x.device.type == "cpu":
+        return torch.from_numpy(_hash_uint64(x.numpy(), seed, modulus))
+    return _hash_limbs(x, seed, modulus)
+
+
+def _hash_limbs(x: torch.Tensor, seed: int, modulus: int) -> torch.Tensor:
+    """``hash_ids`` of int64 ``x`` in exact int64 tensor arithmetic on 32-bit limbs (any device)."""
     hi, lo = (x >> 32) & _M32, x & _M32
     hi, lo = _add64(hi, lo, _seed_key(seed))
     hi, lo = _xorshift64(hi, lo, 30)
@@ -123,6 +130,18 @@ def hash_ids(ids: torch.Tensor, seed: int, modulus: int) -> torch.Tensor:
     hi, lo = _mul64(hi, lo, _MIX2)
     hi, lo = _xorshift64(hi, lo, 31)
     return (((hi & 0x7FFFFFFF) << 32) | lo) % modulus
+
+
+def _hash_uint64(ids: np.ndarray, seed: int, modulus: int) -> np.ndarray:
+    """``hash_ids`` on the CPU in numpy's uint64 arithmetic, which wraps mod 2**64 by definition: the same values as
+    the 32-bit limbs, about 10x faster."""
+    z = ids.view(np.uint64) + np.uint64(_seed_key(seed))
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(_MIX1)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(_MIX2)
+    z ^= z >> np.uint64(31)
+    return ((z & np.uint64(0x7FFFFFFFFFFFFFFF)) % np.uint64(modulus)).astype(np.int64)
 
 
 def stream_seed(seed: int, stream: int) -> int:

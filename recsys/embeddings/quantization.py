@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -147,6 +148,11 @@ def nearest_codes(vectors: torch.Tensor, codebooks: torch.Tensor, chunk_elements
     num_subspaces, num_codewords, sub_dim = codebooks.shape
     x = vectors.detach().reshape(len(vectors), num_subspaces, sub_dim).to(codebooks.dtype)
     books = codebooks.detach()
+    if x.device.type == "cpu" and books.dtype == torch.float32:  # FAISS's blocked L2 search: no n x K matrix in memory
+        codes = np.empty((len(x), num_subspaces), dtype=np.int64)
+        for s in range(num_subspaces):
+            codes[:, s] = faiss.knn(np.ascontiguousarray(x[:, s].numpy()), np.ascontiguousarray(books[s].numpy()), 1)[1][:, 0]
+        return torch.from_numpy(codes)
     squared = books.pow(2).sum(-1)  # (S, K)
     step = max(1, chunk_elements // (num_subspaces * num_codewords))
     parts = []
@@ -258,8 +264,7 @@ class ProductQuantizedTable(Method):
         return {f"codebook{s}": self._codebooks[s] for s in range(self.subspaces)}
 
     def transform(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        codes = self.codes[ids].long()
-        return [codes[:, s] for s in range(self.subspaces)]
+        return list(self.codes[ids].T.long())  # each subspace's codes contiguous: fast gathers
 
     def combine(self, parts: list[torch.Tensor], ids: torch.Tensor | None) -> torch.Tensor:
         return torch.cat(parts, dim=1)

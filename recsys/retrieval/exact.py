@@ -13,6 +13,9 @@ import numpy as np
 import torch
 
 
+TOPK_COLUMNS = 1 << 16  # columns per torch.topk call
+
+
 def top_k(blocks: Iterable[tuple[int, torch.Tensor]], k: int, skip: list[np.ndarray] | None = None,
           allowed: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """The ``k`` best items of each row over all blocks, best first.
@@ -48,12 +51,14 @@ def top_k(blocks: Iterable[tuple[int, torch.Tensor]], k: int, skip: list[np.ndar
             keep = torch.zeros(n, dtype=torch.bool)
             keep[allowed_ids[(allowed_ids >= start) & (allowed_ids < start + n)] - start] = True
             scores[:, ~keep] = -torch.inf
-        values, items = scores.topk(min(k, n), dim=1)
-        items = items + start
-        if best_scores is not None:
-            values, picked = torch.cat([best_scores, values], 1).topk(min(k, best_scores.shape[1] + values.shape[1]), 1)
-            items = torch.cat([best_items, items], 1).gather(1, picked)
-        best_scores, best_items = values, items
+        for offset, part in zip(range(0, n, TOPK_COLUMNS), scores.split(TOPK_COLUMNS, dim=1)):
+            values, items = part.topk(min(k, part.shape[1]), dim=1)  # torch.topk is slow over very long rows
+            items = items + (start + offset)
+            if best_scores is not None:
+                width = min(k, best_scores.shape[1] + values.shape[1])
+                values, picked = torch.cat([best_scores, values], 1).topk(width, 1)
+                items = torch.cat([best_items, items], 1).gather(1, picked)
+            best_scores, best_items = values, items
     if best_scores is None:
         raise ValueError("top_k got no score blocks")
     kept = torch.isfinite(best_scores)

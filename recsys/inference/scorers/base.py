@@ -14,8 +14,10 @@ from recsys.inference.package import Package
 from recsys.inference.scorers.ids import lookup
 from recsys.inference.scorers.weights import held_bytes
 from recsys.retrieval import ItemIndex, multi_interest_retrieve
+from recsys.retrieval.exact import top_k
 
 SOURCES = ("model", "history", "popularity")
+SCORE_BLOCK = 1 << 22  # scores per block of exact top-k over stored tables (16 MiB of float32)
 USER_ID, HISTORY_ID = "user_id", "history"  # the input columns of ranking predictions
 
 
@@ -254,7 +256,7 @@ def _item_lists(tensors: dict[str, torch.Tensor], name: str) -> tuple[np.ndarray
 
 
 class VectorRecommender(Recommender):
-    """MF and ALS: fixed user and item vectors, score = inner product."""
+    """ALS and NBMF: fixed user and item vectors, score = inner product."""
 
     def __init__(self, package: Package, users: torch.Tensor, items: torch.Tensor, tables: str = "float",
                  index: str = "Flat"):
@@ -266,3 +268,48 @@ class VectorRecommender(Recommender):
 
     def item_vectors(self) -> torch.Tensor:
         return self.item_matrix
+
+
+class TableRecommender(Recommender):
+    """Models whose items live in an embedding collection (MF, ComiRec), served from the tables as stored: items are
+    scored in their stored form chunk by chunk (``CompressedEmbeddings.item_scores``; a query with K interests
+    scores max_k q_k . e_i) and the top-k kept as the chunks pass, exactly, with no decoded item table. With an
+    approximate FAISS ``index`` (not ``Flat``) the items are decoded once into that index.
+
+    Subclasses set ``self.model`` (whose ``embeddings`` holds the ``item`` table) and implement ``queries`` and
+    ``history_queries``.
+    """
+
+    has_tables = True
+
+    def __init__(self, package: Package, tables: str = "float", index: str = "Flat"):
+        super().__init__(package, tables, index)
+        self.uses_index = index != "Flat"
+
+    def _vectors(self, table: str, ids) -> torch.Tensor:
+        """(n, D) vectors of single ids of ``table``, from the stored tables."""
+        return self.model.embeddings.vectors(table, torch.from_numpy(np.asarray(ids, dtype=np.int64)))
+
+    def item_blocks(self, queries: torch.Tensor):
+        """(B, K, D) queries -> ``(start, (B, n) scores)`` blocks over every item (the best of the K interests), of
+        ``SCORE_BLOCK`` scores, so a few queries score every item in one block."""
+        b, k, d = queries.shape
+        chunk = max(1, SCORE_BLOCK // (b * k))
+        for start, scores in self.model.embeddings.item_scores(ITEM, queries.reshape(b * k, d), chunk=chunk):
+            yield start, scores if k == 1 else scores.view(b, k, -1).max(1).values
+
+    def item_vectors(self) -> torch.Tensor:
+        """(N, D) decoded item vectors (only for an approximate FAISS index, never for exact retrieval)."""
+        return self._vectors(ITEM, np.arange(self.n_items))
+
+    def _dense(self, queries: torch.Tensor) -> torch.Tensor:
+        return torch.cat([s for _, s in self.item_blocks(queries)], dim=1)
+
+    def similar_scores(self, items: np.ndarray) -> torch.Tensor:
+        return self._dense(self._vectors(ITEM, items).unsqueeze(1))
+
+    def _top(self, source, users, histories, k, skip, allowed):
+        if source == "popularity" or self.uses_index:
+            return super()._top(source, users, histories, k, skip, allowed)
+        queries = self.queries(torch.as_tensor(users)) if source == "model" else self.history_queries(histories)
+        return top_k(self.item_blocks(queries), k, skip, allowed)

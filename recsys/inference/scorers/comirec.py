@@ -6,19 +6,18 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from recsys.data.batching import jagged
-from recsys.data.schemas import ITEM
 from recsys.inference.package import Package, from_config, stats_from
-from recsys.inference.scorers.base import Recommender
+from recsys.inference.scorers.base import TableRecommender
 from recsys.inference.scorers.weights import load_weights, quantize
 from recsys.models import multi_interest
 from recsys.models.multi_interest import HISTORY
 
 
-class ComiRecRecommender(Recommender):
-    """ComiRec: K interests extracted from the user's last ``max_length`` items; score max_k v_k . e_i."""
+class ComiRecRecommender(TableRecommender):
+    """ComiRec: K interests extracted from the user's last ``max_length`` items; score max_k v_k . e_i, over the
+    item table as stored (``TableRecommender``)."""
 
-    family, has_tables = multi_interest.FAMILY, True
+    family = multi_interest.FAMILY
 
     def __init__(self, package: Package, tables: str = "float", index: str = "Flat"):
         super().__init__(package, tables, index)
@@ -29,12 +28,6 @@ class ComiRecRecommender(Recommender):
             from_config(build["settings"], "build.settings"), stats_from(package))
         load_weights(self.model, package)
         quantize(self.model.eval(), tables)
-        with torch.no_grad():
-            ids = torch.arange(self.n_items)
-            self.item_matrix = self.model(jagged([ITEM], [ids]))[1][ITEM]
-
-    def item_vectors(self) -> torch.Tensor:
-        return self.item_matrix
 
     def queries(self, users: torch.Tensor) -> torch.Tensor:
         return self.history_queries([self.history(int(u)) for u in users])
