@@ -81,3 +81,18 @@ def test_split_errors():
         SplitConfig(test_fraction=1.5)
     with pytest.raises(DataError, match="needs a 'timestamp' column"):
         split(pd.DataFrame({"user": [1], "item": [2]}), SplitConfig("leave_last_out"))
+
+
+def test_integer_ids_look_up_as_a_hash_index_does():
+    """Integer vocabularies search a sorted copy (no hash table); the answers equal pandas' hash index."""
+    rng = np.random.default_rng(3)
+    ids = np.unique(rng.integers(-(2**62), 2**62, size=5000))
+    rng.shuffle(ids)
+    vocab = Vocabulary(ids, None, name="item")
+    values = np.concatenate([ids[::7], rng.integers(-(2**62), 2**62, size=500), [0, -1, 2**63 - 1, -(2**63)]])
+    expected = pd.Index(ids).get_indexer(values)
+    expected = np.where(expected < 0, -1, expected + 1)
+    assert vocab.lookup(values, missing="negative").tolist() == expected.tolist()
+    assert vocab.lookup(pd.Series(values), missing="negative").tolist() == expected.tolist()
+    assert vocab.lookup(values.astype(object), missing="negative").tolist() == expected.tolist()  # hashed once
+    assert vocab.lookup(np.array([ids[3], 5], dtype=object)).tolist() == [4, vocab.lookup([5])[0]]

@@ -25,7 +25,7 @@ class Vocabulary:
 
     Args:
         ids: raw ids of indices 1..n, most frequent first.
-        counts: occurrence count of each id in ``ids``.
+        counts: occurrence count of each id in ``ids`` (None: not known, e.g. a model package's vocabulary).
         oov_count: occurrences that fell below ``min_count`` (the count of index 0).
         name: what the vocabulary indexes (used in error messages).
 
@@ -35,15 +35,24 @@ class Vocabulary:
         [1, 3, 0]
     """
 
-    def __init__(self, ids: np.ndarray, counts: np.ndarray, oov_count: int = 0, name: str = "id"):
-        if len(ids) != len(counts):
+    def __init__(self, ids: np.ndarray, counts: np.ndarray | None, oov_count: int = 0, name: str = "id"):
+        if counts is not None and len(ids) != len(counts):
             raise DataError(f"vocabulary '{name}': {len(ids)} ids but {len(counts)} counts")
         self.ids = np.asarray(ids)
-        self.counts = np.asarray(counts, dtype=np.int64)
+        self.counts = None if counts is None else np.asarray(counts, dtype=np.int64)
         self.oov_count = int(oov_count)
         self.name = name
-        self._index = pd.Index(self.ids)
-        if not self._index.is_unique:
+        self._index: pd.Index | None = None  # a hash index (string ids, or values of another type)
+        self._sorted = self._order = None  # integer ids: sorted, and the index of each (12 bytes per id, no hash table)
+        if self.ids.dtype.kind in "iu":
+            order = np.argsort(self.ids, kind="stable")
+            self._sorted = self.ids[order]
+            self._order = order.astype(np.int32 if len(order) < 2**31 else np.int64)
+            unique = len(self._sorted) < 2 or bool((self._sorted[1:] != self._sorted[:-1]).all())
+        else:
+            self._index = pd.Index(self.ids)
+            unique = self._index.is_unique
+        if not unique:
             raise DataError(f"vocabulary '{name}': raw ids are not unique")
 
     @classmethod
@@ -78,7 +87,7 @@ class Vocabulary:
             missing: what an unknown id becomes: ``"oov"`` (index 0), ``"negative"`` (-1),
                 or ``"error"`` (raise DataError naming the first unknown ids).
         """
-        positions = self._index.get_indexer(pd.Index(values))
+        positions = self._positions(values)
         unknown = positions < 0
         if missing == "error" and unknown.any():
             examples = pd.Index(values)[unknown][:5].tolist()
@@ -88,6 +97,18 @@ class Vocabulary:
         if missing == "negative":
             return np.where(unknown, -1, positions + 1).astype(np.int64)
         return (positions + 1).astype(np.int64)
+
+    def _positions(self, values) -> np.ndarray:
+        """Position of each value in ``ids``, -1 where absent."""
+        array = values.to_numpy() if isinstance(values, (pd.Series, pd.Index)) else np.asarray(values)
+        if self._sorted is not None and len(self._sorted) and array.dtype.kind in "iu" \
+                and np.can_cast(array.dtype, self._sorted.dtype):  # no float round trip of mixed signedness
+            where = np.searchsorted(self._sorted, array).clip(max=len(self._sorted) - 1)
+            found = self._sorted[where] == array
+            return np.where(found, self._order[where], -1).astype(np.int64)
+        if self._index is None:  # values of another type than the integer ids (e.g. objects): hash them once
+            self._index = pd.Index(self.ids)
+        return self._index.get_indexer(pd.Index(values))
 
     def raw(self, indices) -> np.ndarray:
         """Maps indices back to raw ids (index 0 has no raw id and raises)."""

@@ -58,8 +58,7 @@ class Package:
     def vocabulary(self, feature: str) -> Vocabulary:
         if feature not in self.vocabs:
             raise ConfigError(f"the package has no vocabulary '{feature}'; it has {sorted(self.vocabs)}")
-        ids = np.asarray(self.vocabs[feature])
-        return Vocabulary(ids, np.zeros(len(ids), dtype=np.int64), name=feature)
+        return Vocabulary(np.asarray(self.vocabs[feature]), None, name=feature)  # packages keep no id counts
 
     def bytes(self) -> int:
         """Bytes of every tensor of the package."""
