@@ -281,14 +281,20 @@ def benchmark(args) -> dict:
     from recsys.tracking.mlflow_run import Tracker
 
     began_all, load_at_start = time.perf_counter(), list(os.getloadavg())
-    shutil.rmtree(WORK / "packages", ignore_errors=True)
     configs = methods(args.budget)
     chosen = ["full", *[m for m in args.methods if m != "full"]]
-    packages = {"tiny": build_package("tiny", "serving_tiny", TINY)}
-    for name in chosen:
-        packages[name] = build_package(name, "serving_catalog", [*catalog(args), *configs[name]])
-        print(f"  built {name}: {packages[name]['train_seconds']:.0f} s, {packages[name]['package_bytes']:,} bytes",
-              flush=True)
+    if args.reuse_packages:  # the packages of the last run (same arguments), as its report describes them
+        packages = json.loads((RESULTS / "serving.json").read_text())["packages"]
+        missing = [n for n in ["tiny", *chosen] if n not in packages or not Path(packages[n]["directory"]).is_dir()]
+        if missing:
+            raise SystemExit(f"--reuse-packages: no package of {missing} from the last run; run without it")
+    else:
+        shutil.rmtree(WORK / "packages", ignore_errors=True)
+        packages = {"tiny": build_package("tiny", "serving_tiny", TINY)}
+        for name in chosen:
+            packages[name] = build_package(name, "serving_catalog", [*catalog(args), *configs[name]])
+            print(f"  built {name}: {packages[name]['train_seconds']:.0f} s, {packages[name]['package_bytes']:,} bytes",
+                  flush=True)
     users = pd.read_parquet(WORK / "data" / "prepared" / "serving_catalog" / "vocab" / "user.parquet")["raw_id"].tolist()
     rng = random.Random(0)
     sample = rng.sample(users, min(5000, len(users)))
@@ -506,6 +512,8 @@ def main() -> None:
     parser.add_argument("--agreement-users", type=int, default=200)
     parser.add_argument("--batch-users", type=int, default=20_000)
     parser.add_argument("--batch-chunk", type=int, default=1024)
+    parser.add_argument("--reuse-packages", action="store_true",
+                        help="serve the packages the last run built (its report lists them) instead of training again")
     parser.add_argument("--url")
     parser.add_argument("--bodies")
     args = parser.parse_args()
