@@ -259,9 +259,9 @@ def agreement(directory: str, users: list, served: list[list], k: int) -> dict:
             "identical_ties_aside": tie_equal / n}
 
 
-def serving_run(name: str, url_port: int, process: subprocess.Popen, bodies: Path, args, sample: list,
+def serving_run(name: str, port: int, process: subprocess.Popen, bodies: Path, args, sample: list,
                 directory: str | None) -> dict:
-    url = f"http://127.0.0.1:{url_port}"
+    url = f"http://127.0.0.1:{port}"
     time.sleep(2.0)  # the load's transient memory settles
     row = {"name": name, "ready": rss(process.pid)}
     if directory is not None:

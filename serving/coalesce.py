@@ -46,7 +46,6 @@ class Coalescer(Generic[Query, Answer]):
         self.run, self.max_queries = run, max_queries
         self._queue: asyncio.Queue[_Submission] | None = None
         self._worker: asyncio.Task | None = None
-        self.calls = 0  # model calls made (a group answered one by one counts each)
 
     @property
     def waiting(self) -> int:
@@ -112,7 +111,6 @@ class Coalescer(Generic[Query, Answer]):
             submission.answer.set_result(answers)
 
     async def _call(self, key: object, queries: list) -> list:
-        self.calls += 1
         answers = await anyio.to_thread.run_sync(self.run, key, queries)
         if len(answers) != len(queries):
             raise RuntimeError(f"the model call answered {len(answers)} of {len(queries)} queries")

@@ -46,6 +46,7 @@ class Method(nn.Module, ABC):
     """
 
     additive: ClassVar[bool] = True
+    partial_streams: ClassVar[bool] = False  # transform may give -1: an id that reads no row of that stream
 
     def __init__(self, spec: TableSpec):
         super().__init__()
@@ -105,13 +106,17 @@ class Method(nn.Module, ABC):
         scored = [u @ r.T if u.shape[0] * r.shape[0] <= PRECOMPUTED_SCORES else None for u, r in zip(adjoint, rows)]
         for start in range(0, n, chunk):
             total = None
-            for stream, u, r, s in zip(self.transform(torch.arange(start, min(start + chunk, n))), adjoint, rows, scored):
-                every = len(stream) == 0 or int(stream.min()) >= 0  # every id reads a row of this stream
-                picked = stream if every else stream.clamp(min=0)
+            for stream, u, r, s in zip(self.range_streams(start, min(start + chunk, n)), adjoint, rows, scored):
+                picked = stream.clamp(min=0) if self.partial_streams else stream
                 part = s[:, picked] if s is not None else u @ r[picked].T
-                part = part if every else part * (stream >= 0)
+                part = part * (stream >= 0) if self.partial_streams else part
                 total = part if total is None else total.add_(part)
             yield start, total
+
+    def range_streams(self, start: int, stop: int) -> list[torch.Tensor]:
+        """``transform`` of the ids ``start .. stop - 1`` (item scoring walks every id in ranges); methods that keep
+        per-id state (e.g. PQ codes) read it as a slice instead of a gather."""
+        return self.transform(torch.arange(start, stop))
 
     def exported(self, weights: list[torch.Tensor]) -> Compression | None:
         """The compression that serves this trained table in less memory than training needs, built with the

@@ -138,11 +138,10 @@ class CompressedEmbeddings(nn.Module):
             >>> emb.vectors("item", torch.tensor([3, 5])).shape
             torch.Size([2, 8])
         """
-        method = self.methods[table]
-        weights = [self.plain_weight(f"{table}__{t.suffix}") for t in method.plain_tables()]
         ids = torch.as_tensor(ids, dtype=torch.long)
-        if all(w.dtype.is_floating_point and w.dtype != torch.float16 for w in weights):
-            return method.decode(ids, weights)
+        weights = self._float_rows(table)
+        if weights is not None:
+            return self.methods[table].decode(ids, weights)
         feature = self.specs[table].feature_names[0]
         return self(KeyedJaggedTensor.from_lengths_sync([feature], ids, torch.ones(len(ids), dtype=torch.int32)))[
             feature].float()
@@ -158,14 +157,19 @@ class CompressedEmbeddings(nn.Module):
             >>> torch.cat([s for _, s in emb.item_scores("item", torch.ones(2, 8), chunk=30)], dim=1).shape
             torch.Size([2, 100])
         """
-        method = self.methods[table]
-        weights = [self.plain_weight(f"{table}__{t.suffix}") for t in method.plain_tables()]
-        if all(w.dtype.is_floating_point and w.dtype != torch.float16 for w in weights):
-            yield from method.item_scores(queries.to(weights[0].dtype), weights, chunk)
+        weights = self._float_rows(table)
+        if weights is not None:
+            yield from self.methods[table].item_scores(queries.to(weights[0].dtype), weights, chunk)
             return
         n = self.specs[table].num_embeddings
         for start in range(0, n, chunk):
             yield start, queries @ self.vectors(table, torch.arange(start, min(start + chunk, n))).T
+
+    def _float_rows(self, table: str) -> list[torch.Tensor] | None:
+        """The rows of logical table ``table``'s plain tables when they are float32/float64 (a method computes
+        from them directly), None for quantized (int8, int4, fp16) rows, which only the modules read."""
+        weights = [self.plain_weight(f"{table}__{t.suffix}") for t in self.methods[table].plain_tables()]
+        return weights if all(w.dtype.is_floating_point and w.dtype != torch.float16 for w in weights) else None
 
     @property
     def feature_names(self) -> list[str]:

@@ -320,6 +320,7 @@ class FrequencyHashedTables(Method):
     """
 
     additive = True
+    partial_streams = True  # ids outside a stream read nothing there
 
     def __init__(self, spec: TableSpec, counts: np.ndarray, private: int, rows: int, seed: int = 0):
         super().__init__(spec)

@@ -59,6 +59,7 @@ class MixedDimensionTables(Method):
     """
 
     additive = True
+    partial_streams = True  # ids outside a stream read nothing there
 
     def __init__(self, spec: TableSpec, sizes: Sequence[int], dims: Sequence[int], slot: np.ndarray | None):
         super().__init__(spec)

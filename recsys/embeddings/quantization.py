@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from recsys.embeddings import base
 from recsys.embeddings.base import Compression, Method, PlainTable
 from recsys.embeddings.spec import TableSpec, TableStats
 from recsys.errors import ConfigError
@@ -274,19 +273,9 @@ class ProductQuantizedTable(Method):
         """Each subspace's slice of the query scores its codebook (a lookup table of B x K inner products)."""
         return list(queries.split(self.spec.dim // self.subspaces, dim=1))
 
-    def item_scores(self, queries: torch.Tensor, weights: list[torch.Tensor], chunk: int = 65536):
-        """The PQ scan: each subspace's B x K table of query . codeword products, summed over the ids' codes (read
-        as slices of the codes buffer). Large B x K falls back to ``Method.item_scores``."""
-        if queries.shape[0] * self.codewords * self.subspaces > base.PRECOMPUTED_SCORES:
-            yield from super().item_scores(queries, weights, chunk)
-            return
-        tables = [u @ w.T for u, w in zip(self.stream_queries(queries), weights)]
-        for start in range(0, self.spec.num_embeddings, chunk):
-            codes = self.codes[start:start + chunk].T.long()
-            total = tables[0][:, codes[0]]
-            for table, column in zip(tables[1:], codes[1:]):
-                total += table[:, column]
-            yield start, total
+    def range_streams(self, start: int, stop: int) -> list[torch.Tensor]:
+        """The codes of a range of ids, sliced from the codes buffer: the PQ scan over the codebooks' B x K tables."""
+        return list(self.codes[start:stop].T.long())
 
 
 def _as_codes(codes, field_name: str = "codes") -> torch.Tensor:

@@ -83,9 +83,10 @@ class MFRetrieval(ShardedTask):
         self.dim, self.settings, self.stats = dim, embedding or EmbeddingSettings(), stats
         model = MatrixFactorization.build(data.n_users, data.n_items, dim, self.settings, stats, torch.device("meta"))
         self.embeddings = model.embeddings
-        (table_optimizer or TableOptimizer()).apply(self.embeddings)
+        table_optimizer = table_optimizer or TableOptimizer()
+        table_optimizer.apply(self.embeddings)
         self.model = shard(model, sharding)
-        self.optimizer = combined_optimizer(self.model, table_optimizer or TableOptimizer())
+        self.optimizer = combined_optimizer(self.model, table_optimizer)
 
     def train_epoch(self, epoch: int, progress: tqdm | None) -> dict[str, float]:
         self.model.train()
