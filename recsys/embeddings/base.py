@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recsys.embeddings.memory import tensor_bytes
@@ -88,8 +89,10 @@ class Method(nn.Module, ABC):
         """Inner products of (B, D) ``queries`` with every id's vector, computed from the stored rows: yields
         ``(start, (B, n) scores of ids start .. start + n - 1)`` for consecutive chunks of at most ``chunk`` ids.
 
-        With ``stream_queries``, each stream scores its table's rows once (or, when B x rows is large, the rows its
-        ids read, chunk by chunk) and the ids sum their rows' scores; otherwise a chunk of ids is decoded (n x D).
+        With ``stream_queries`` (a combiner linear in the parts), each stream scores its table's rows once, giving
+        a lookup table of (rows, B) scores, and every id sums its rows' scores in one fused ``embedding_bag`` (the PQ
+        asymmetric scan; for hashing and mixed dimensions the same). Otherwise, or when the lookup table would pass
+        ``PRECOMPUTED_SCORES``, a chunk of ids is decoded (n x D) and multiplied.
 
         Args:
             queries: (B, D) query vectors.
@@ -98,25 +101,25 @@ class Method(nn.Module, ABC):
         """
         adjoint = self.stream_queries(queries)
         n = self.spec.num_embeddings
-        if adjoint is None:
+        rows = [weights[t] for t in self.stream_tables()]
+        if adjoint is None or len(queries) * sum(len(r) for r in rows) > PRECOMPUTED_SCORES:
             for start in range(0, n, chunk):
                 yield start, queries @ self.decode(torch.arange(start, min(start + chunk, n)), weights).T
             return
-        rows = [weights[t] for t in self.stream_tables()]
-        scored = [u @ r.T if u.shape[0] * r.shape[0] <= PRECOMPUTED_SCORES else None for u, r in zip(adjoint, rows)]
+        lookup = torch.cat([r @ u.T for u, r in zip(adjoint, rows)] + [queries.new_zeros(1, len(queries))])
+        pad = len(lookup) - 1  # a zero row: what an id outside a stream reads
+        offsets = torch.tensor([0] + [len(r) for r in rows[:-1]]).cumsum(0).int()  # int32 indices: half the traffic
         for start in range(0, n, chunk):
-            total = None
-            for stream, u, r, s in zip(self.range_streams(start, min(start + chunk, n)), adjoint, rows, scored):
-                picked = stream.clamp(min=0) if self.partial_streams else stream
-                part = s[:, picked] if s is not None else u @ r[picked].T
-                part = part * (stream >= 0) if self.partial_streams else part
-                total = part if total is None else total.add_(part)
-            yield start, total
+            stream_rows = self.stream_rows(start, min(start + chunk, n))
+            index = stream_rows.int() + offsets
+            if self.partial_streams:
+                index = index.masked_fill_(stream_rows < 0, pad)
+            yield start, F.embedding_bag(index, lookup, mode="sum").T  # (n, B): one pass over the ids
 
-    def range_streams(self, start: int, stop: int) -> list[torch.Tensor]:
-        """``transform`` of the ids ``start .. stop - 1`` (item scoring walks every id in ranges); methods that keep
-        per-id state (e.g. PQ codes) read it as a slice instead of a gather."""
-        return self.transform(torch.arange(start, stop))
+    def stream_rows(self, start: int, stop: int) -> torch.Tensor:
+        """(n, S) rows each of the ids ``start .. stop - 1`` reads in each stream, -1 for none (``transform``: item
+        scoring walks every id in ranges); methods that keep per-id state (e.g. PQ codes) slice it instead."""
+        return torch.stack(self.transform(torch.arange(start, stop)), dim=1)
 
     def exported(self, weights: list[torch.Tensor]) -> Compression | None:
         """The compression that serves this trained table in less memory than training needs, built with the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -35,6 +36,13 @@ class FullTable(Method):
 
     def stream_queries(self, queries: torch.Tensor) -> list[torch.Tensor]:
         return [queries]
+
+    def item_scores(self, queries: torch.Tensor, weights: list[torch.Tensor], chunk: int = 65536
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """The rows are the vectors: each chunk is one product with a slice of the table (no gather), rows by
+        queries (one pass over the rows: twice as fast as queries by rows at B = 4)."""
+        for start in range(0, self.spec.num_embeddings, chunk):
+            yield start, (weights[0][start:start + chunk] @ queries.T).T
 
 
 @dataclass

@@ -273,9 +273,9 @@ class ProductQuantizedTable(Method):
         """Each subspace's slice of the query scores its codebook (a lookup table of B x K inner products)."""
         return list(queries.split(self.spec.dim // self.subspaces, dim=1))
 
-    def range_streams(self, start: int, stop: int) -> list[torch.Tensor]:
-        """The codes of a range of ids, sliced from the codes buffer: the PQ scan over the codebooks' B x K tables."""
-        return list(self.codes[start:stop].T.long())
+    def stream_rows(self, start: int, stop: int) -> torch.Tensor:
+        """The codes of a range of ids, sliced from the codes buffer: the PQ scan over the codebooks' K x B tables."""
+        return self.codes[start:stop]
 
 
 def _as_codes(codes, field_name: str = "codes") -> torch.Tensor:
