@@ -125,15 +125,18 @@ class Tracker:
 
     @contextmanager
     def start(self, run_name: str | None, config: Mapping, tags: Mapping[str, str] | None = None,
-              run_id: str | None = None) -> Iterator[Run]:
+              run_id: str | None = None, nested: bool = False,
+              stopped: tuple[type[BaseException], ...] = ()) -> Iterator[Run]:
         """Starts a run with the flattened ``config`` as params and the full config as an artifact.
 
         With ``run_id`` (a resumed training), continues that run: params it has not logged yet are logged, the
         changed ones (e.g. ``trainer.epochs``) go to the tag ``resumed_with`` as JSON, since MLflow keeps a param's
         first value. When that run is gone from the store, a new run is tagged ``resumed_from=<run_id>``.
 
-        The run ends ``FINISHED``; ``KILLED`` on SIGTERM (see :class:`Terminated`) or Ctrl-C; ``FAILED`` on any
-        other exception, which is re-raised.
+        With ``nested``, the run is a child of the active run (e.g. a tuning trial under its study's run).
+
+        The run ends ``FINISHED``; ``KILLED`` on SIGTERM (see :class:`Terminated`), Ctrl-C or one of the ``stopped``
+        exceptions (e.g. a pruned trial); ``FAILED`` on any other exception. Exceptions are re-raised.
         """
         if dist.is_initialized() and dist.get_rank() != 0:
             yield Run(active=False)
@@ -144,7 +147,7 @@ class Tracker:
                 experiment_id = self.experiment_id()
                 previous = self._continuable(run_id, experiment_id) if run_id else None
                 if previous is None:
-                    mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+                    mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested)
                     run = Run(active=True)
                     run.log_params(config)
                     run.log_dict(dict(config), "config.yaml")
@@ -160,7 +163,7 @@ class Tracker:
                 yield run
                 run.log_metrics({"wall_seconds": time.perf_counter() - began})
                 status = "FINISHED"
-            except (Terminated, KeyboardInterrupt):
+            except (Terminated, KeyboardInterrupt, *stopped):
                 status = "KILLED"
                 raise
             finally:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from recsys.data.batching import Batch, CTRBatcher, ParquetBatches
 from recsys.data.dataset import PreparedData
 from recsys.data.vocab import OOV
-from recsys.evaluation import ctr_metrics, evaluate_ranking
+from recsys.evaluation import TIE_BREAKS, ctr_metrics, evaluate_ranking
 from recsys.training import checkpoint
 from recsys.errors import CheckpointError, ConfigError
 
@@ -38,6 +38,10 @@ class TrainerConfig:
         prefetch: batches prepared ahead in a background thread.
         eval_ks: cut-offs K of the ranking metrics.
         eval_batch_size: users scored at once during evaluation.
+        eval_tie_break: how the ranking evaluation orders equal scores: ``random`` (seeded by ``eval_seed``;
+            a collapsed model gets a random list's recall) or ``index`` (lower item index first, which
+            flatters ties: indices are ordered by frequency). See :mod:`recsys.evaluation.ranking`.
+        eval_seed: seed of the random tie-breaking, in [0, 2**32); independent of ``seed``.
         eval_every: evaluate on the validation split every this many epochs (0 = never).
         checkpoint_dir: where per-epoch checkpoints go.
         resume: continue from the last checkpoint in checkpoint_dir.
@@ -46,8 +50,8 @@ class TrainerConfig:
             stderr is not a terminal (a CI or nohup log), only the line: a bar there prints thousands of lines.
         distributed: train on several ranks started by ``torchrun`` (each rank reads a disjoint
             share of the batches; the tables are sharded over the ranks by DMP).
-        early_stopping: a validation metric (e.g. ``auc``, ``logloss``, ``recall@20``) to stop on, or None.
-            Needs ``eval_every >= 1`` and a ``valid`` split; ``logloss``/``loss`` are minimised, others maximised.
+        early_stopping: a validation metric (e.g. ``auc``, ``logloss``, ``recall@20``, ``recall_capped@20``) to stop
+            on, or None. Needs ``eval_every >= 1`` and a ``valid`` split; ``logloss``/``loss`` are minimised, others maximised.
             Training stops after ``patience`` evaluations without improvement and the best epoch's state is
             restored before the test evaluation.
         patience: evaluations without improvement before early stopping.
@@ -60,6 +64,8 @@ class TrainerConfig:
     prefetch: int = 2
     eval_ks: list[int] = field(default_factory=lambda: [20, 50])
     eval_batch_size: int = 1024
+    eval_tie_break: str = "random"
+    eval_seed: int = 0
     eval_every: int = 0
     checkpoint_dir: str = "checkpoints"
     resume: bool = False
@@ -72,6 +78,11 @@ class TrainerConfig:
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1:
             raise ConfigError(f"trainer.epochs must be >= 0 and trainer.batch_size >= 1; got {self.epochs}, {self.batch_size}")
+        if self.eval_tie_break not in TIE_BREAKS:
+            raise ConfigError(f"trainer.eval_tie_break must be one of {', '.join(map(repr, TIE_BREAKS))}, "
+                              f"found {self.eval_tie_break!r}")
+        if isinstance(self.eval_seed, bool) or not isinstance(self.eval_seed, int) or not 0 <= self.eval_seed < 2**32:
+            raise ConfigError(f"trainer.eval_seed must be an integer in [0, 2**32), found {self.eval_seed!r}")
         if self.early_stopping is not None and (self.eval_every < 1 or self.patience < 1):
             raise ConfigError(f"trainer.early_stopping={self.early_stopping!r} needs trainer.eval_every >= 1 and "
                               f"trainer.patience >= 1; got {self.eval_every}, {self.patience}")
@@ -108,9 +119,11 @@ class Trainable(Protocol):
         """Bytes of each table of the model, from the real tensors."""
 
 
-def evaluate(model: Trainable | Callable, data: PreparedData, split: str, ks, batch_size: int = 1024) -> dict[str, float]:
-    """Metrics on ``split``: full ranking excluding items of the earlier splits and OOV (interactions), or
-    AUC and log loss of ``model.predict`` (CTR data)."""
+def evaluate(model: Trainable | Callable, data: PreparedData, split: str, ks, batch_size: int = 1024,
+             tie_break: str = "random", seed: int = 0) -> dict[str, float]:
+    """Metrics on ``split``: full ranking excluding items of the earlier splits and OOV (interactions; ties in
+    scores broken by ``tie_break`` and ``seed``, see :func:`recsys.evaluation.evaluate_ranking`), or AUC and
+    log loss of ``model.predict`` (CTR data)."""
     if data.kind == "ctr":
         return evaluate_ctr(model, data, split, batch_size)
     seen = data.matrix("train")
@@ -118,7 +131,8 @@ def evaluate(model: Trainable | Callable, data: PreparedData, split: str, ks, ba
         seen = (seen + data.matrix("valid")).tocsr()
     score = model.score_users if hasattr(model, "score_users") else model
     with torch.no_grad():
-        return evaluate_ranking(score, seen, data.matrix(split), ks=ks, batch_size=batch_size, exclude_items=[OOV])
+        return evaluate_ranking(score, seen, data.matrix(split), ks=ks, batch_size=batch_size, exclude_items=[OOV],
+                                tie_break=tie_break, seed=seed)
 
 
 def evaluate_ctr(model: Trainable, data: PreparedData, split: str, batch_size: int = 1024) -> dict[str, float]:
@@ -137,8 +151,8 @@ def evaluate_ctr(model: Trainable, data: PreparedData, split: str, batch_size: i
 
 def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
         log: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
-        meta: dict | None = None) -> dict[str, float]:
-    """Trains for ``cfg.epochs`` (resuming if asked), checkpoints each epoch, returns test metrics.
+        meta: dict | None = None, final_split: str = "test") -> dict[str, float]:
+    """Trains for ``cfg.epochs`` (resuming if asked), checkpoints each epoch, returns ``final_split``'s metrics.
 
     Args:
         model: what is trained.
@@ -147,6 +161,8 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
         log: called with each epoch's metrics and the epoch index (e.g. ``Run.log_metrics``).
         meta: JSON-serialisable entries stored with every checkpoint (e.g. the MLflow run id), read back by
             ``checkpoint.latest(cfg.checkpoint_dir)["meta"]``.
+        final_split: the split evaluated at the end: ``test``, or ``valid`` when tuning (the test split is then
+            never read).
 
     Example:
         >>> metrics = fit(task, PreparedData.open("data/prepared/ml100k"), TrainerConfig(epochs=5))  # doctest: +SKIP
@@ -178,7 +194,7 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
             metrics = dict(model.train_epoch(epoch, bar))
         metrics["epoch_seconds"] = time.perf_counter() - began
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and "valid" in data.splits:
-            valid = evaluate(model, data, "valid", cfg.eval_ks, cfg.eval_batch_size)
+            valid = evaluate(model, data, "valid", cfg.eval_ks, cfg.eval_batch_size, cfg.eval_tie_break, cfg.eval_seed)
             metrics |= {f"valid_{k}": v for k, v in valid.items()}
             if cfg.early_stopping is not None:
                 _track(model, cfg, directory / BEST, epoch, valid, progress)
@@ -195,7 +211,7 @@ def fit(model: Trainable, data: PreparedData, cfg: TrainerConfig,
         _restore(model, info["path"])  # the best validation epoch, not the last one
         log({f"best_valid_{cfg.early_stopping}": progress["best"], "best_epoch": progress["best_epoch"]},
             progress["best_epoch"])
-    return evaluate(model, data, "test", cfg.eval_ks, cfg.eval_batch_size)
+    return evaluate(model, data, final_split, cfg.eval_ks, cfg.eval_batch_size, cfg.eval_tie_break, cfg.eval_seed)
 
 
 def progress_redraws() -> bool:
