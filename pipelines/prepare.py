@@ -22,8 +22,10 @@ def ensure_prepared(data: DictConfig, force: bool = False) -> PreparedData:
     settings = OmegaConf.to_container(data, resolve=True)
     settings.pop("prepared_dir")
     if force or not is_prepared(data.prepared_dir, settings):
-        source = SourceConfig(data.source.format, data.source.path, dict(data.source.options or {}),
-                              instantiate(data.source.generator) if data.source.get("generator") else None)
+        splits = data.source.get("splits")  # given split files; a ??? one raises MissingMandatoryValue naming it
+        splits = OmegaConf.to_container(splits, resolve=True, throw_on_missing=True) if splits is not None else None
+        source = SourceConfig(data.source.format, data.source.get("path"), dict(data.source.options or {}),
+                              instantiate(data.source.generator) if data.source.get("generator") else None, splits)
         if data.kind == "interactions":
             manifest = prepare_interactions(source, data.prepared_dir, InteractionFilters(**data.filters),
                                             SplitConfig(**data.split), data.max_bad_fraction, settings,

@@ -15,7 +15,7 @@ import pytest
 
 from recsys.data.quarantine import Quarantine, ReadChunk, empty_bad
 from recsys.data.readers import (CRITEO_DENSE, CRITEO_SPARSE, FRAPPE_FIELDS, READERS, open_reader, read_all,
-                                 read_criteo, read_libfm, read_movielens, read_parquet, read_sequences)
+                                 read_criteo, read_libfm, read_lightgcn, read_movielens, read_parquet, read_sequences)
 from recsys.errors import ConfigError, DataError
 
 SHARED_DATA = Path(os.environ.get("RECSYS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -227,6 +227,57 @@ def test_sequences_with_separator(tmp_path):
     assert bad_lines(rows) == {2: "item_id is empty"}
 
 
+# ---------------------------------------------------------------------------------- LightGCN
+
+
+LIGHTGCN = "0 10 11 12\n\n  1   11\t13  \n2\n3 10 x 14 -5\nu7 10 11\nzz\n4 0012 " + "9" * 19 + "\n5 7\n"
+
+
+def test_lightgcn_explodes_lines_and_quarantines_bad_tokens(tmp_path):
+    path = write(tmp_path / "train.txt", LIGHTGCN)
+    frame, quarantine, rows = read(read_lightgcn(path), tmp_path)
+    assert frame.to_dict("list") == {"user_id": ["0", "0", "0", "1", "1", "3", "3", "4", "5"],
+                                     "item_id": ["10", "11", "12", "11", "13", "10", "14", "0012", "7"]}
+    assert frame.dtypes.astype(str).to_dict() == {"user_id": "str", "item_id": "str"}  # as read_sequences
+    assert [(r["line"], r["reason"], r["text"]) for r in rows] == [
+        (5, "item_id is not an integer id: 'x'", "3 x"),
+        (5, "item_id is not an integer id: '-5'", "3 -5"),
+        (6, "user_id is not an integer id: 'u7'", "u7 10"),  # a bad user rejects each of its pairs
+        (6, "user_id is not an integer id: 'u7'", "u7 11"),
+        (7, "user_id is not an integer id: 'zz'", "zz"),  # ... or its line, when it has no items
+        (8, "item_id is not an integer id: '" + "9" * 19 + "'", "4 " + "9" * 19),  # over 18 digits
+    ]
+    # rows are (user, item) pairs: 9 good + 6 bad; the blank line and user 2's empty line count none
+    assert (quarantine.n_total, quarantine.n_bad) == (15, 6)
+    assert all(r["source"] == str(path) for r in rows)
+
+
+def test_lightgcn_chunks_do_not_change_the_result(tmp_path):
+    path = write(tmp_path / "train.txt", LIGHTGCN)
+    whole, _, whole_bad = read(read_lightgcn(path), tmp_path)
+    chunks = list(read_lightgcn(path, chunksize=2))
+    assert len(chunks) == 5  # 9 non-blank lines
+    assert sum(c.n_lines for c in chunks) == 15
+    pieces, _, piece_bad = read(iter(chunks), tmp_path)
+    pd.testing.assert_frame_equal(pieces, whole)
+    assert piece_bad == whole_bad
+
+
+def test_lightgcn_refuses_other_layouts(tmp_path):
+    csv = write(tmp_path / "ratings.csv", "userId,movieId\n1,2\n1,3\n")
+    with pytest.raises(DataError, match=re.escape(str(csv)) + ": does not look like a LightGCN text file: .*; 3 of "
+                                                               "the first 3 lines are bad \\(line 1: user_id is not an "
+                                                               "integer id: 'userId,movieId'\\)"):
+        read_all(read_lightgcn(csv), Quarantine(None))
+    users_only = write(tmp_path / "users.txt", "0\n1\n")
+    with pytest.raises(DataError, match="users.txt: no data lines"):
+        read_all(read_lightgcn(users_only), Quarantine(None))
+    with pytest.raises(DataError, match="nope.txt: file not found"):
+        read_lightgcn(tmp_path / "nope.txt")
+    with pytest.raises(ConfigError, match="chunksize must be a positive integer"):
+        read_lightgcn(csv, chunksize=0)
+
+
 # ---------------------------------------------------------------------------------- libFM
 
 
@@ -382,7 +433,7 @@ def test_parquet_missing_columns_and_not_parquet(tmp_path):
 
 
 def test_open_reader(tmp_path):
-    assert set(READERS) == {"movielens", "sequences", "libfm", "criteo", "parquet"}
+    assert set(READERS) == {"movielens", "sequences", "lightgcn", "libfm", "criteo", "parquet"}
     frame = read_all(open_reader("movielens", write(tmp_path / "u.data", "1\t2\t3\t4\n"), layout="udata"))
     assert frame["item_id"].tolist() == [2]
     with pytest.raises(DataError, match="unknown format 'csv'; expected one of movielens"):

@@ -1,4 +1,4 @@
-"""Chunked readers of the raw input formats: MovieLens, user-item sequences, libFM, Criteo, Parquet.
+"""Chunked readers of the raw input formats: MovieLens, user-item sequences, LightGCN, libFM, Criteo, Parquet.
 
 Every reader checks the file up front (exists, is text, looks like the format), then returns a
 generator of :class:`~recsys.data.quarantine.ReadChunk`: ``chunksize`` lines at a time, split and
@@ -37,6 +37,7 @@ RATINGS_CSV = "MovieLens ratings.csv: header userId,movieId,rating,timestamp"
 ATOMIC = ("RecBole atomic file: tab-separated, header like "
           "user_id:token<TAB>item_id:token<TAB>rating:float<TAB>timestamp:float")
 SEQUENCES = "user-item sequence file: one 'user item' pair per line in time order, no header"
+LIGHTGCN = "LightGCN text file: one line per user, 'user item item ...', whitespace-separated integer ids"
 LIBFM = "libFM file: 'label idx:val idx:val ...' per line, label in {-1, 0, 1}"
 CRITEO = "Criteo TSV: label<TAB>13 integer columns<TAB>26 hex categorical columns, no header"
 CRITEO_UNLABELED = "Criteo TSV without labels: 13 integer columns<TAB>26 hex categorical columns, no header"
@@ -45,6 +46,8 @@ _LAYOUTS = {"udata": UDATA, "ratings_csv": RATINGS_CSV, "atomic": ATOMIC}
 _RATINGS_CSV_HEADER = ["userId", "movieId", "rating", "timestamp"]
 _INTERACTION_COLUMNS = (RAW_USER, RAW_ITEM, RATING, TIMESTAMP)
 _INT = r"[+-]?\d{1,18}(?:\.0*)?"
+_ID_DIGITS = 18  # a LightGCN id: a non-negative integer of at most this many digits, kept as written
+LIGHTGCN_CHUNKSIZE = 50_000  # user lines per chunk: a line holds a whole user's list
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _HEX_DIGITS = np.zeros(256, dtype=np.int64)
 _HEX_DIGITS[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
@@ -378,6 +381,81 @@ def read_sequences(path: str | Path, sep: str | None = None,
     return _checked(_read_delimited(path, sep or None, 2, fields, _check_chunksize(chunksize)), path, SEQUENCES)
 
 
+def read_lightgcn(path: str | Path, chunksize: int = LIGHTGCN_CHUNKSIZE) -> Iterator[ReadChunk]:
+    """Reads the LightGCN text layout (Gowalla, Yelp2018, Amazon-Book splits): ``user item item ...``.
+
+    One line per user; every item on it is one (user, item) row, in the line's order. A line with
+    a user and no items yields no rows. Ids are non-negative integers of at most 18 digits, kept
+    as written (str, like :func:`read_sequences`; ``07`` and ``7`` are two ids). Here a row is one
+    (user, item) pair, so ``n_lines`` counts pairs: a token that is not an id rejects its own pair
+    (a bad item) or every pair of its line (a bad user; one row if the line has no items), with
+    the 1-based line number, the reason, and ``user item`` as the text.
+
+    Output columns: user_id, item_id (str).
+
+    Args:
+        path: the file, e.g. LightGCN's ``train.txt``.
+        chunksize: lines (users) per chunk.
+
+    Returns:
+        A generator of ReadChunk.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "train.txt"
+        >>> _ = path.write_text("0 5 6\\n1\\n2 x 7\\n")
+        >>> quarantine = Quarantine(None)
+        >>> read_all(read_lightgcn(path), quarantine).to_dict("list")
+        {'user_id': ['0', '0', '2'], 'item_id': ['5', '6', '7']}
+        >>> quarantine.reasons
+        {'item_id is not an integer id': 1}
+    """
+    path = _text_file(path, LIGHTGCN)
+    chunksize = _check_chunksize(chunksize)
+    return _checked((_explode_lines(text, path) for text in _iter_lines(path, chunksize)), path, LIGHTGCN)
+
+
+def _explode_lines(text: pd.Series, path: Path) -> ReadChunk:
+    """One (user, item) row per item token of each ``user item item ...`` line, bad tokens set aside."""
+    lists = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(pa.array(text, pa.large_string())))
+    tokens = pc.list_flatten(lists)  # every line has >= 1 token (blank lines are skipped)
+    offsets = lists.offsets.to_numpy()
+    first = offsets[:-1] - offsets[0]  # position of each line's user token in ``tokens``
+    line_of = np.repeat(np.arange(len(first)), np.diff(offsets))
+    is_item = np.ones(len(tokens), dtype=bool)
+    is_item[first] = False
+    valid = pc.and_(pc.ascii_is_decimal(tokens), pc.less_equal(pc.binary_length(tokens), _ID_DIGITS))
+    valid = valid.to_numpy(zero_copy_only=False)
+    user_ok = valid[first]
+    pair_line, item_ok = line_of[is_item], valid[is_item]
+    users, items = tokens.take(first[pair_line]), tokens.filter(pa.array(is_item))
+    numbers = text.index.to_numpy(dtype=np.int64)
+    lonely = ~user_ok & (np.diff(offsets) == 1)  # a bad user on a line without items: one bad row
+    parts = []
+    for mask, side, values in ((~user_ok[pair_line], RAW_USER, users), (user_ok[pair_line] & ~item_ok, RAW_ITEM, items)):
+        if mask.any():
+            pick = pa.array(mask)
+            pair = pc.binary_join_element_wise(users.filter(pick), items.filter(pick), pa.scalar(" ", pa.large_string()))
+            parts.append(pd.DataFrame({"line": numbers[pair_line[mask]], "reason": _not_an_id(side, values.filter(pick)),
+                                       "text": pd.Series(pair, dtype="str").to_numpy()}))
+    if lonely.any():
+        line = text[lonely].str.strip()
+        parts.append(pd.DataFrame({"line": numbers[lonely], "reason": _not_an_id(RAW_USER, line),
+                                   "text": text[lonely].to_numpy()}))
+    bad = (pd.concat(parts, ignore_index=True).sort_values("line", kind="stable", ignore_index=True) if parts
+           else empty_bad())
+    good = pa.array(user_ok[pair_line] & item_ok)
+    frame = pd.DataFrame({RAW_USER: pd.Series(users.filter(good), dtype="str"),
+                          RAW_ITEM: pd.Series(items.filter(good), dtype="str")})
+    return ReadChunk(frame, bad, n_lines=len(items) + int(lonely.sum()), source=str(path))
+
+
+def _not_an_id(name: str, values: pa.Array | pd.Series) -> np.ndarray:
+    """The reason of each bad id token: ``"<name> is not an integer id: '<token>'"``."""
+    values = pd.Series(values, dtype="str").str.slice(0, _MAX_SHOWN)
+    return (f"{name} is not an integer id: '" + values + "'").to_numpy()
+
+
 def read_libfm(path: str | Path, field_names: Sequence[str] | None = None,
                chunksize: int = DEFAULT_CHUNKSIZE) -> Iterator[ReadChunk]:
     """Reads a libFM file of one-hot categorical rows, ``label idx:val idx:val ...``.
@@ -523,6 +601,7 @@ def read_all(chunks: Iterator[ReadChunk], quarantine: Quarantine | None = None) 
 READERS: dict[str, Callable[..., Iterator[ReadChunk]]] = {
     "movielens": read_movielens,
     "sequences": read_sequences,
+    "lightgcn": read_lightgcn,
     "libfm": read_libfm,
     "criteo": read_criteo,
     "parquet": read_parquet,
