@@ -43,7 +43,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks.mf import CHECKPOINTS, compose_cfg, data_info, fmt_bytes, machine, run_ours  # noqa: E402
 from pipelines.prepare import ensure_prepared  # noqa: E402
-from recsys.evaluation import PopularityScorer  # noqa: E402
+from recsys.evaluation import METRIC_DEFINITIONS, PopularityScorer  # noqa: E402
 from recsys.tracking.mlflow_run import Tracker  # noqa: E402
 from recsys.training.loop import evaluate  # noqa: E402
 
@@ -162,6 +162,7 @@ def markdown(report: dict) -> str:
               f"{d['n_users']} users x {d['n_items']} items, {d['train']:,} train / {d['test']:,} test interactions. "
               "Rows marked early stopping train on a random 90% of each user's training items and stop on Recall@20 "
               "of the other 10% (patience 3, the best epoch restored; 'best' = that epoch); the test split is the same.",
+              f"Metric definitions: {report['metric_definitions']}.",
               f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; torch {m['torch']} ({m['torch_threads']} "
               f"threads), OMP_WAIT_POLICY={m['OMP_WAIT_POLICY']}; load average {m['load_average_at_start'][0]:.2f} "
               f"at start, {report['load_average_at_end'][0]:.2f} at end. Date {report['date']}, commit "
@@ -212,7 +213,7 @@ def benchmark(names: list[str]) -> dict:
     data = ensure_prepared(compose_cfg(DATASET, "mf_bpr", 1).data)
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
               "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "machine": machine(),
-              "data": data_info(data), "methods": {}}
+              "data": data_info(data), "metric_definitions": METRIC_DEFINITIONS, "methods": {}}
     tracker = Tracker(experiment="benchmark-cf", root=ROOT)
     for name in names:
         method = METHODS[name]

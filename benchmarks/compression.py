@@ -62,6 +62,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from benchmarks.mf import compose_cfg, data_info, fit_logged, fmt_bytes, machine, run_popularity  # noqa: E402
 from pipelines.prepare import ensure_prepared  # noqa: E402
 from recsys.errors import ConfigError  # noqa: E402
+from recsys.evaluation import METRIC_DEFINITIONS  # noqa: E402
 from recsys.tracking.mlflow_run import Tracker  # noqa: E402
 from recsys.training.loop import evaluate  # noqa: E402
 
@@ -399,7 +400,8 @@ def markdown(report: dict) -> str:
              f"tables' {report['full_bytes']:,} bytes ({fmt_bytes(full)}). `!` = measured bytes above the budget; "
              f"`n/a` = the method cannot fit the budget (it raises a ConfigError). Full tables: Recall@{K} "
              f"{report['full'][f'recall@{K}']:.4f}, NDCG@{K} {report['full'][f'ndcg@{K}']:.4f}; popularity: "
-             f"Recall@{K} {pop[f'recall@{K}']:.4f}, NDCG@{K} {pop[f'ndcg@{K}']:.4f}.", "",
+             f"Recall@{K} {pop[f'recall@{K}']:.4f}, NDCG@{K} {pop[f'ndcg@{K}']:.4f}. Metric definitions: "
+             f"{report['metric_definitions']}.", "",
              "| Method | " + " | ".join(f"budget {budget_label(b)}" for b in budgets) + " | fixed ratio |",
              "|---|" + "---:|" * (len(budgets) + 1)]
     by: dict[str, dict] = {}
@@ -536,7 +538,7 @@ def benchmark(args) -> dict:
                            "pq_finetune_epochs": args.pq_finetune_epochs, "model": model_cfg,
                            "trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
                            "data": info | {"data_config": OmegaConf.to_container(cfg.data, resolve=True)}},
-              "missing": missing, "rows": []}
+              "metric_definitions": METRIC_DEFINITIONS, "missing": missing, "rows": []}
     state: dict = {}
     with tracker.start("popularity", {"method": "popularity", "dataset": DATASET},
                        tags={"benchmark": "compression", "invocation": report["date"], "method": "popularity"}) as run:

@@ -60,7 +60,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from pipelines.prepare import ensure_prepared  # noqa: E402
 from pipelines.train import build_model  # noqa: E402
-from recsys.evaluation import PopularityScorer  # noqa: E402
+from recsys.evaluation import METRIC_DEFINITIONS, PopularityScorer  # noqa: E402
 from recsys.tracking.mlflow_run import Tracker  # noqa: E402
 from recsys.training.loop import evaluate, fit  # noqa: E402
 
@@ -271,7 +271,8 @@ def markdown(report: dict) -> str:
               f"{' / '.join(f'{x:.2f}' for x in m['load_average_at_start'])}, at end "
               f"{' / '.join(f'{x:.2f}' for x in report['load_average_at_end'])}. {report['date']}.",
               "", "Total s: ours = the whole `fit()` call (training, a checkpoint per epoch, test evaluation); "
-              "implicit = `model.fit` + the same test evaluation; popularity = counting + evaluation."]
+              "implicit = `model.fit` + the same test evaluation; popularity = counting + evaluation.",
+              "", f"Metric definitions: {report['metric_definitions']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -316,7 +317,8 @@ def benchmark(args) -> dict:
     tracker = Tracker(experiment="benchmark-mf", root=str(ROOT))
     report = {"machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-              "k": K, "seed": SEED, "tuning": "learning rates chosen on ml100k's validation split "
+              "k": K, "seed": SEED, "metric_definitions": METRIC_DEFINITIONS,
+              "tuning": "learning rates chosen on ml100k's validation split "
               "(`--tune`, data.split.valid_fraction=0.1); test never used for choices",
               "results": {}}
     for dataset in args.datasets:
@@ -381,6 +383,7 @@ def tune(args) -> None:
             r, _ = run_method(method, dataset, data, method_settings(method, epochs, 0), split="valid")
             rows.append((method, lr, r["metrics"][f"recall@{K}"], r["metrics"][f"ndcg@{K}"]))
             print(*rows[-1], flush=True)
+    print(f"\nMetric definitions: {METRIC_DEFINITIONS}.")
     print("\n| Method | learning rate | valid Recall@20 | valid NDCG@20 |\n|---|---:|---:|---:|")
     for method, lr, recall, ndcg in rows:
         print(f"| {LABELS[method]} | {lr} | {recall:.4f} | {ndcg:.4f} |")
