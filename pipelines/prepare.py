@@ -29,7 +29,8 @@ def ensure_prepared(data: DictConfig, force: bool = False) -> PreparedData:
         if data.kind == "interactions":
             manifest = prepare_interactions(source, data.prepared_dir, InteractionFilters(**data.filters),
                                             SplitConfig(**data.split), data.max_bad_fraction, settings,
-                                            data.get("graph_clusters"))
+                                            data.get("graph_clusters"), tuple(data.get("ranking_excludes") or
+                                                                              ("train", "valid")))
         elif data.kind == "ctr":
             manifest = prepare_ctr(source, data.prepared_dir, CTRSettings(**OmegaConf.to_container(data.ctr)),
                                    data.max_bad_fraction, settings)

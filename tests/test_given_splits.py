@@ -300,3 +300,27 @@ def test_ml1m_lightgcn_counts(compose_config):
     assert all(split["kept"] == split["read"] for split in rows["by_split"].values())
     train = data.matrix("train")
     assert train.nnz == 590_733 and train[:, 0].nnz == 0  # no row at OOV
+
+
+def test_ml1m_lightgcn_popularity_matches_the_published_protocol(compose_config):
+    """Test rankings leave out training items only (data.ranking_excludes: [train]), as the published tables do:
+    popularity's Recall@20 (hits / |test|) and NDCG@20 match ../shared/data/README.md (0.118 / 0.164), and the
+    [train, valid] protocol differs (it leaves valid items out as well)."""
+    from pipelines.prepare import ensure_prepared
+    from recsys.evaluation import PopularityScorer
+
+    shared_file("ml-1m-lightgcn/train.txt")
+    data = ensure_prepared(compose_config("prepare", ("data=ml1m_lightgcn",)).data)
+    assert data.manifest["ranking_excludes"] == ["train"]
+    assert (data.seen("test") != data.matrix("train")).nnz == 0
+    metrics = evaluate(PopularityScorer(data.matrix("train")), data, "test", ks=[20])
+    assert (round(metrics["recall@20"], 3), round(metrics["ndcg@20"], 3)) == (0.118, 0.164)
+    both = ensure_prepared(compose_config("prepare", ("data=ml1m_lightgcn", "data.ranking_excludes=[train,valid]")).data)
+    assert both.seen("test").nnz == 590_733 + 80_897
+    assert evaluate(PopularityScorer(both.matrix("train")), both, "test", ks=[20])["recall@20"] > 0.12
+
+
+def test_ranking_excludes_must_keep_train(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.ranking_excludes must be \[train\] or \[train, valid\], got \['valid'\]"):
+        prepare_interactions(SourceConfig("lightgcn", splits=lightgcn_files(tmp_path)), tmp_path / "p",
+                             InteractionFilters(), SplitConfig(), ranking_excludes=("valid",))

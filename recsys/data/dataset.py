@@ -88,6 +88,14 @@ class PreparedData:
         matrix.data[:] = 1.0
         return matrix
 
+    def seen(self, split: str) -> sp.csr_matrix:
+        """The interactions a user's ranking on ``split`` leaves out: train's, and for test also those of the
+        manifest's ``ranking_excludes`` (train and valid by default; train only for LightGCN-style splits)."""
+        names = self.manifest.get("ranking_excludes", ["train", "valid"]) if split == "test" else ["train"]
+        matrix = sum(self.matrix(name) for name in names if name in self.splits).tocsr()
+        matrix.data[:] = 1.0
+        return matrix
+
     def graph(self, split: str = "train") -> InteractionGraph:
         """The split's interactions as a bipartite user-item graph."""
         table = pq.read_table(self.path(split), columns=[USER, ITEM])

@@ -201,8 +201,12 @@ def _reader(source: SourceConfig) -> tuple[Path, Iterator]:
 
 def prepare_interactions(source: SourceConfig, out_dir: str | Path, filters: InteractionFilters,
                          split_cfg: SplitConfig, max_bad_fraction: float = 0.01,
-                         settings: dict | None = None, graph_clusters: float | None = None) -> dict:
+                         settings: dict | None = None, graph_clusters: float | None = None,
+                         ranking_excludes: tuple[str, ...] = ("train", "valid")) -> dict:
     """Reads, validates, filters, indexes and splits interactions; returns the manifest.
+
+    ``ranking_excludes`` (kept in the manifest) names the splits whose items a user's test ranking leaves out:
+    train and valid, or train only, as published LightGCN-style splits are scored.
 
     With given splits (``source.splits``) each file's rows form its split and ``split_cfg`` is not
     used (the manifest's ``split`` is ``{"method": "given", "files": {...}}``). One vocabulary spans
@@ -224,6 +228,8 @@ def prepare_interactions(source: SourceConfig, out_dir: str | Path, filters: Int
         >>> prepare_interactions(SourceConfig("lightgcn", splits={"train": "train.txt", "test": "test.txt"}),
         ...                      "prepared/gowalla", InteractionFilters(), SplitConfig())  # doctest: +SKIP
     """
+    if "train" not in ranking_excludes or not set(ranking_excludes) <= {"train", "valid"}:
+        raise ConfigError(f"data.ranking_excludes must be [train] or [train, valid], got {list(ranking_excludes)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = _given_files(source)
@@ -300,6 +306,7 @@ def prepare_interactions(source: SourceConfig, out_dir: str | Path, filters: Int
         "split": split_info,
         "filters": asdict(filters),
         "graph_clusters": clusters,
+        "ranking_excludes": list(ranking_excludes),
     }
     return _finish(out, manifest, [Path(p) for p in files.values()] if files else [path], quarantine, settings)
 

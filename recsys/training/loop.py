@@ -121,14 +121,12 @@ class Trainable(Protocol):
 
 def evaluate(model: Trainable | Callable, data: PreparedData, split: str, ks, batch_size: int = 1024,
              tie_break: str = "random", seed: int = 0) -> dict[str, float]:
-    """Metrics on ``split``: full ranking excluding items of the earlier splits and OOV (interactions; ties in
-    scores broken by ``tie_break`` and ``seed``, see :func:`recsys.evaluation.evaluate_ranking`), or AUC and
-    log loss of ``model.predict`` (CTR data)."""
+    """Metrics on ``split``: full ranking excluding OOV and the items of ``data.seen(split)`` (the earlier splits, or
+    train only for LightGCN-style splits; ties in scores broken by ``tie_break`` and ``seed``, see
+    :func:`recsys.evaluation.evaluate_ranking`), or AUC and log loss of ``model.predict`` (CTR data)."""
     if data.kind == "ctr":
         return evaluate_ctr(model, data, split, batch_size)
-    seen = data.matrix("train")
-    if split == "test" and "valid" in data.splits:
-        seen = (seen + data.matrix("valid")).tocsr()
+    seen = data.seen(split)
     score = model.score_users if hasattr(model, "score_users") else model
     with torch.no_grad():
         return evaluate_ranking(score, seen, data.matrix(split), ks=ks, batch_size=batch_size, exclude_items=[OOV],
