@@ -48,7 +48,8 @@ def run(cfg: DictConfig) -> dict:
                        run_id=resumed_run_id(trainer)) as mlrun:
         mlrun.log_dict(data.manifest, "data_manifest.json")
         reference = ClickRate.of_split(data.path("train")) if data.kind == "ctr" else PopularityScorer(data.matrix("train"))
-        baseline = evaluate(reference, data, "test", trainer.eval_ks, trainer.eval_batch_size)
+        baseline = evaluate(reference, data, "test", trainer.eval_ks, trainer.eval_batch_size, trainer.eval_tie_break,
+                            trainer.eval_seed)
         mlrun.log_metrics(baseline, prefix="popularity_" if data.kind != "ctr" else "click_rate_")
         model = build_model(cfg, data, trainer)
         metrics = fit(model, data, trainer, log=mlrun.log_metrics, meta={"mlflow_run_id": mlrun.id} if mlrun.id else None)
