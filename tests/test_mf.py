@@ -79,7 +79,7 @@ def test_table_memory_is_measured_from_the_sharded_tensors(tiny_interactions, tm
 
 
 def test_mf_rejects_bad_settings(tiny_interactions, tmp_path):
-    with pytest.raises(ConfigError, match="model.loss must be 'bpr' or 'softmax'"):
+    with pytest.raises(ConfigError, match=r"model.loss='hinge' is invalid: expected one of \['bpr', 'softmax', "):
         MFRetrieval(tiny_interactions, _trainer(tmp_path), loss="hinge")
     with pytest.raises(ConfigError, match="table_optimizer.name must be one of"):
         MFRetrieval(tiny_interactions, _trainer(tmp_path), table_optimizer=TableOptimizer(name="lbfgs"))

@@ -1,10 +1,11 @@
-"""Matrix factorization: a user table and an item table, scored by dot product."""
+"""Matrix factorization: a user table and an item table, scored by dot product or cosine similarity."""
 
 from __future__ import annotations
 
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
@@ -14,6 +15,18 @@ from recsys.embeddings.spec import TableSpec, TableStats
 
 NEG_ITEM = "neg_item"
 FAMILY = "mf"  # the family name of MF model packages
+SIMILARITIES = ("dot", "cosine")  # how MF scores a user and an item (cosine: trained with SimpleX's CCL)
+
+
+def as_scored(vectors: torch.Tensor, similarity: str) -> torch.Tensor:
+    """(n, D) vectors as MF scores them by inner products: unit length under ``cosine``, unchanged under ``dot``.
+    Training evaluation and serving both score through it, so their rankings agree.
+
+    Example:
+        >>> as_scored(torch.tensor([[3.0, 4.0]]), "cosine")
+        tensor([[0.6000, 0.8000]])
+    """
+    return F.normalize(vectors, dim=-1) if similarity == "cosine" else vectors
 
 
 def mf_specs(n_users: int, n_items: int, dim: int) -> list[TableSpec]:

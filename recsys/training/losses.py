@@ -79,6 +79,37 @@ def sampled_softmax_loss(users: torch.Tensor, positives: torch.Tensor, negatives
     return -torch.log_softmax(torch.cat([positive, negative], dim=1), dim=1)[:, 0].mean()
 
 
+def cosine_contrastive_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+                            positive_ids: torch.Tensor, negative_ids: torch.Tensor, margin: float = 0.5,
+                            negative_weight: float = 10.0) -> torch.Tensor:
+    """SimpleX's cosine contrastive loss (CCL; Mao et al., CIKM 2021) over M negatives shared by the batch.
+
+    With s the cosine similarity, row b's loss is (1 - s(u_b, p_b)) + w / M * sum_j max(0, s(u_b, n_j) - margin),
+    averaged over the B rows. The negatives are shared: one (B, M) cosine matrix instead of SimpleX's M negatives
+    per row. A negative that is row b's positive item (an accidental hit) adds nothing to row b (the sum still
+    divides by M).
+
+    Args:
+        users: (B, D) user vectors.
+        positives: (B, D) vectors of the positive items.
+        negatives: (M, D) vectors of the sampled items.
+        positive_ids: (B,) item indices of the positives.
+        negative_ids: (M,) item indices of the negatives.
+        margin: negatives less similar than this cost nothing.
+        negative_weight: w, the weight of the mean negative term.
+
+    Example:
+        >>> u, p, n = torch.eye(2), torch.eye(2), torch.tensor([[1.0, 1.0]])
+        >>> round(cosine_contrastive_loss(u, p, n, torch.tensor([1, 2]), torch.tensor([3]), 0.5, 2.0).item(), 4)
+        0.4142
+    """
+    users, positives, negatives = F.normalize(users, dim=-1), F.normalize(positives, dim=-1), F.normalize(negatives, dim=-1)
+    positive = 1 - (users * positives).sum(-1)
+    negative = (users @ negatives.T - margin).clamp(min=0)
+    negative = negative.masked_fill(positive_ids.unsqueeze(1) == negative_ids.unsqueeze(0), 0.0)
+    return (positive + negative_weight * negative.mean(1)).mean()
+
+
 def binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Click-through-rate loss: mean of -[y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))] over (B,) logits z.
 

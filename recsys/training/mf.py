@@ -1,4 +1,4 @@
-"""Two-tower retrieval training (BPR or in-batch sampled softmax) on sharded TorchRec tables."""
+"""Matrix factorization training (BPR, in-batch or sampled softmax, SimpleX's CCL) on sharded TorchRec tables."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torchrec import KeyedJaggedTensor
 from tqdm.auto import tqdm
 
 from recsys.data.batching import ParquetBatches, interactions_to_batch, jagged
@@ -16,23 +17,26 @@ from recsys.embeddings.collection import EmbeddingSettings
 from recsys.embeddings.spec import TableStats
 from recsys.errors import ConfigError
 from recsys.inference.package import stats_tensors
-from recsys.models.mf import FAMILY, NEG_ITEM, MatrixFactorization
+from recsys.models.mf import FAMILY, NEG_ITEM, MatrixFactorization, as_scored
+from recsys.models.settings import check, is_int, is_number
 from recsys.training.distributed import (ShardedTask, ShardingConfig, TableOptimizer, combined_optimizer, optimise,
                                          init_process_group, rank_and_world, rank_share, shard)
 from recsys.training.loop import TrainerConfig
-from recsys.training.losses import bpr_loss, in_batch_softmax_loss
+from recsys.training.losses import bpr_loss, cosine_contrastive_loss, in_batch_softmax_loss, sampled_softmax_loss
 from recsys.training.sampling import NegativeSampler
 
 FEATURES = [USER, ITEM, NEG_ITEM]
+LOSSES = ("bpr", "softmax", "sampled_softmax", "simplex")
 
 
 @dataclass
 class Negatives:
-    """Negative sampling of BPR.
+    """Negative sampling of BPR, the sampled softmax and SimpleX (unused by the in-batch softmax).
 
     Args:
-        distribution: ``uniform`` or ``popularity``.
-        num: negatives per positive (each makes one BPR triple).
+        distribution: ``uniform`` or ``popularity`` (probability ∝ count ** exponent).
+        num: BPR: negatives per positive (each makes one BPR triple); ``sampled_softmax`` and ``simplex``: M, the
+            negatives drawn per batch and shared by all its rows.
         exponent: popularity exponent.
     """
 
@@ -42,16 +46,25 @@ class Negatives:
 
 
 class MFRetrieval(ShardedTask):
-    """Matrix factorization trained with BPR or in-batch softmax; implements ``Trainable``.
+    """Matrix factorization trained with one of ``LOSSES``; implements ``Trainable``.
+
+    Losses: ``bpr`` (sampled negatives); ``softmax`` (in-batch negatives, logQ-corrected by popularity);
+    ``sampled_softmax`` (each row's positive against M negatives drawn per batch from ``negatives`` and shared by
+    the batch; positive and negatives logQ-corrected by that sampler's log-probabilities, as Jean et al. 2015 and
+    TensorFlow's ``sampled_softmax_loss``; accidental hits masked); ``simplex`` (SimpleX's cosine contrastive
+    loss over M shared negatives, ``cosine_contrastive_loss``). A ``simplex`` model ranks by cosine similarity:
+    evaluation, the package (``similarity: cosine``) and serving all score unit-length user and item vectors.
 
     Args:
         data: a prepared interactions dataset.
         trainer: loop settings (batch size, seed).
         dim: embedding dimension D.
-        loss: ``bpr`` (sampled negatives) or ``softmax`` (in-batch negatives, logQ-corrected).
-        negatives: BPR negative sampling.
+        loss: one of ``LOSSES``.
+        negatives: negative sampling of ``bpr``, ``sampled_softmax`` and ``simplex``.
         table_optimizer: FBGEMM fused optimizer of the tables.
-        temperature: softmax temperature.
+        temperature: temperature of both softmax losses.
+        margin: ``simplex``: negatives with cosine below it cost nothing, in [-1, 1).
+        negative_weight: ``simplex``: weight of the mean negative term, > 0.
         embedding: how the user and item tables are stored (compression per table).
         sharding: table placement.
 
@@ -63,16 +76,22 @@ class MFRetrieval(ShardedTask):
     supports_distributed = True  # trainer.distributed=true: each rank trains on its share of the batches
 
     def __init__(self, data: PreparedData, trainer: TrainerConfig, dim: int = 64,
-                 loss: Literal["bpr", "softmax"] = "bpr", negatives: Negatives | None = None,
-                 table_optimizer: TableOptimizer | None = None, temperature: float = 1.0,
+                 loss: Literal["bpr", "softmax", "sampled_softmax", "simplex"] = "bpr",
+                 negatives: Negatives | None = None, table_optimizer: TableOptimizer | None = None,
+                 temperature: float = 1.0, margin: float = 0.5, negative_weight: float = 10.0,
                  embedding: EmbeddingSettings | None = None, sharding: ShardingConfig | None = None):
-        if loss not in ("bpr", "softmax"):
-            raise ConfigError(f"model.loss must be 'bpr' or 'softmax', got {loss!r}")
+        negatives = negatives or Negatives()
+        check(loss in LOSSES, "loss", loss, f"one of {list(LOSSES)}")
+        check(is_int(negatives.num), "negatives.num", negatives.num, "an integer >= 1")
+        check(is_number(temperature) and temperature > 0, "temperature", temperature, "a number > 0")
+        check(is_number(margin) and -1 <= margin < 1, "margin", margin, "a cosine in [-1, 1)")
+        check(is_number(negative_weight) and negative_weight > 0, "negative_weight", negative_weight, "a number > 0")
         if data.kind != "interactions":
             raise ConfigError(f"MF needs an interactions dataset; {data.root} holds {data.kind!r}")
         init_process_group(trainer.distributed)  # fails early when the launch does not match trainer.distributed
         self.data, self.trainer, self.loss, self.temperature = data, trainer, loss, temperature
-        self.negatives = negatives or Negatives()
+        self.negatives, self.margin, self.negative_weight = negatives, margin, negative_weight
+        self.similarity = "cosine" if loss == "simplex" else "dot"
         graph = data.graph("train")  # the training split, read once: counts come from its edges
         counts = np.bincount(graph.items, minlength=data.n_items)
         self.sampler = NegativeSampler(counts, self.negatives.distribution, self.negatives.exponent)
@@ -112,14 +131,35 @@ class MFRetrieval(ShardedTask):
             out = self.model(jagged(FEATURES, [users, items, negatives]))
             return bpr_loss(MatrixFactorization.score(out[USER], out[ITEM]),
                             MatrixFactorization.score(out[USER], out[NEG_ITEM]))
-        out = self.model(jagged(FEATURES[:2], [users, items]))
-        return in_batch_softmax_loss(out[USER], out[ITEM], items, self.popularity.log_probabilities[items],
-                                     self.temperature)
+        if self.loss == "softmax":
+            out = self.model(jagged(FEATURES[:2], [users, items]))
+            return in_batch_softmax_loss(out[USER], out[ITEM], items, self.popularity.log_probabilities[items],
+                                         self.temperature)
+        negatives = self.sampler.sample(self.negatives.num, generator)
+        user, positive, negative = self._shared_lookup(users, items, negatives)
+        if self.loss == "sampled_softmax":
+            log_q = self.sampler.log_probabilities  # the distribution the negatives were drawn from
+            return sampled_softmax_loss(user, positive, negative, items, negatives, (log_q[items], log_q[negatives]),
+                                        self.temperature)
+        return cosine_contrastive_loss(user, positive, negative, items, negatives, self.margin, self.negative_weight)
+
+    def _shared_lookup(self, users: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, D) users, (B, D) positives and (M, D) negatives from one forward: a KJT of stride max(B, M) whose
+        shorter features end in empty bags (one lookup per step, as the fused optimizer and VQ's auxiliary loss
+        expect)."""
+        b, m = len(users), len(negatives)
+        lengths = torch.zeros(3, max(b, m), dtype=torch.int32)
+        lengths[:2, :b], lengths[2, :m] = 1, 1
+        out = self.model(KeyedJaggedTensor.from_lengths_sync(FEATURES, torch.cat([users, items, negatives]),
+                                                             lengths.flatten()))
+        return out[USER][:b], out[ITEM][:b], out[NEG_ITEM][:m]
 
     def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
         """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
         settings, tensors = self.served_model()
-        return FAMILY, {"dim": self.dim, "settings": settings}, {**tensors, **stats_tensors(self.stats, self.embeddings)}
+        build = {"dim": self.dim, "settings": settings, "similarity": self.similarity}
+        return FAMILY, build, {**tensors, **stats_tensors(self.stats, self.embeddings)}
 
     @torch.no_grad()
     def embed(self, feature: str, ids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
@@ -131,5 +171,5 @@ class MFRetrieval(ShardedTask):
     @torch.no_grad()
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         if self._items is None:
-            self._items = self.embed(ITEM, torch.arange(self.data.n_items))
-        return self.embed(USER, users) @ self._items.T
+            self._items = as_scored(self.embed(ITEM, torch.arange(self.data.n_items)), self.similarity)
+        return as_scored(self.embed(USER, users), self.similarity) @ self._items.T

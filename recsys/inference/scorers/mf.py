@@ -7,6 +7,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from recsys.data.schemas import ITEM, USER
+from recsys.errors import ConfigError
 from recsys.inference.package import Package, from_config, stats_from
 from recsys.inference.scorers.base import TableRecommender
 from recsys.inference.scorers.weights import load_weights, quantize
@@ -16,6 +17,10 @@ from recsys.models import mf
 class MFRecommender(TableRecommender):
     """MF from its compressed tables as stored (``TableRecommender``): a user's vector is looked up when a request
     asks for it; an unseen user's query is the mean of the given items' vectors.
+
+    A package with ``similarity: cosine`` (SimpleX) scores unit-length vectors (``mf.as_scored``): queries are
+    normalized, and the inner products of the stored items are divided by each item's norm, computed once at load
+    from the tables as stored ((N,) floats; the tables stay as they are).
 
     Args:
         package: the loaded package.
@@ -32,6 +37,26 @@ class MFRecommender(TableRecommender):
                                                   from_config(build["settings"], "build.settings"), stats_from(package))
         load_weights(self.model, package)
         quantize(self.model.eval(), tables)
+        self.similarity = build.get("similarity", "dot")  # packages before SimpleX hold none: dot products
+        if self.similarity not in mf.SIMILARITIES:
+            raise ConfigError(f"build.similarity must be one of {list(mf.SIMILARITIES)}, got {self.similarity!r}")
+        self._inverse_norms = self._item_inverse_norms() if self.similarity == "cosine" else None
+
+    @torch.no_grad()
+    def _item_inverse_norms(self, chunk: int = 65536) -> torch.Tensor:
+        """(N,) 1 / ||e_i|| of every stored item vector (F.normalize's floor of 1e-12 on the norm)."""
+        norms = [self.model.embeddings.vectors(ITEM, torch.arange(s, min(s + chunk, self.n_items))).norm(dim=1)
+                 for s in range(0, self.n_items, chunk)]
+        return 1 / torch.cat(norms).clamp(min=1e-12)
+
+    def _vectors(self, table: str, ids) -> torch.Tensor:
+        return mf.as_scored(super()._vectors(table, ids), self.similarity)
+
+    def item_blocks(self, queries: torch.Tensor):
+        for start, scores in super().item_blocks(queries):
+            if self._inverse_norms is not None:
+                scores = scores * self._inverse_norms[start:start + scores.shape[1]]
+            yield start, scores
 
     @torch.no_grad()
     def _bags(self, feature: str, bags: list[np.ndarray]) -> torch.Tensor:
@@ -45,4 +70,9 @@ class MFRecommender(TableRecommender):
 
     def history_queries(self, histories: list[np.ndarray]) -> torch.Tensor:
         lengths = torch.tensor([max(len(h), 1) for h in histories], dtype=torch.float32)
+        if self.similarity == "cosine":  # the mean of the items' unit vectors
+            counts = torch.tensor([len(h) for h in histories])
+            items = self._vectors(ITEM, np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]))
+            sums = torch.zeros(len(histories), items.shape[1]).index_add_(0, torch.repeat_interleave(counts), items)
+            return mf.as_scored(sums / lengths.unsqueeze(1), self.similarity).unsqueeze(1)
         return (self._bags(ITEM, histories) / lengths.unsqueeze(1)).unsqueeze(1)
