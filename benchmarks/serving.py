@@ -42,7 +42,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/mf.py
+# This process (the batch-scoring comparison) runs with PASSIVE OpenMP threads (see benchmarks/mf.py); the servers
+# run with the environment a user's server has: the default wait policy unless the caller set one.
+SERVER_ENV = dict(os.environ)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
@@ -127,7 +130,7 @@ def wait_ready(url: str, process: subprocess.Popen, what: str, timeout: float = 
 
 def start(command: list[str], ready: str, what: str, env: dict | None = None) -> subprocess.Popen:
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **(env or {})})
+                               env={**SERVER_ENV, **(env or {})})
     wait_ready(ready, process, what)
     return process
 
@@ -333,7 +336,9 @@ def benchmark(args) -> dict:
     report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "argv": sys.argv[1:],
               "args": vars(args), "packages": packages, "servers": servers, "mlflow": mlflow_row, "batch": batch,
               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0],
-                          "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg())},
+                          "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg()),
+                          "server_omp_wait_policy": SERVER_ENV.get("OMP_WAIT_POLICY", "default"),
+                          "batch_omp_wait_policy": os.environ["OMP_WAIT_POLICY"]},
               "total_seconds": time.perf_counter() - began_all}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serving.json").write_text(json.dumps(report, indent=1, default=str))
@@ -460,7 +465,8 @@ def markdown(report: dict) -> str:
               f"{b['batch_score_users_per_second']:,.0f} |",
               f"| plain loop of pyfunc `predict` over pandas chunks (no output written) | {b['pyfunc_loop_seconds']:.1f} | "
               f"{b['pyfunc_loop_users_per_second']:,.0f} |", "",
-              f"Machine: {m['cpu']}, {m['cores']} cores (server, load generator and batch jobs share them); load "
+              f"Machine: {m['cpu']}, {m['cores']} cores (server, load generator and batch jobs share them); OpenMP "
+              f"wait policy: servers {m['server_omp_wait_policy']}, batch scoring {m['batch_omp_wait_policy']}; load "
               f"average {m['load_average_at_start'][0]:.2f} at start, {m['load_average_at_end'][0]:.2f} at end; "
               f"{report['total_seconds'] / 60:.0f} minutes in all. Command: "
               f"`python benchmarks/serving.py {' '.join(report['argv'])}`."]
