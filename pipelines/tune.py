@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from pathlib import Path
 
 import hydra
@@ -58,7 +59,11 @@ def run(cfg: DictConfig) -> dict:
         remaining = settings.trials - sum(t.state in FINISHED for t in study.trials)
         for _ in range(max(remaining, 0)):
             trial = study.ask(space.distributions())
-            value, state = _trial(cfg, data, tracker, space, trial)
+            try:
+                value, state = _trial(cfg, data, tracker, space, trial)
+            except BaseException:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)  # not left RUNNING in the store
+                raise
             study.tell(trial, value, state)
             finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
             if finished:
@@ -114,6 +119,8 @@ def _trial(cfg: DictConfig, data, tracker, space: SearchSpace, trial: optuna.Tri
     except optuna.TrialPruned as pruned:
         log.info("trial %d pruned at %s", trial.number, pruned)
         return None, optuna.trial.TrialState.PRUNED
+    finally:
+        shutil.rmtree(cfg.trainer.checkpoint_dir, ignore_errors=True)  # the tuned config is trained again
     log.info("trial %d: valid %s = %.5f with %s", trial.number, space.metric, metrics[space.metric], trial.params)
     return metrics[space.metric], optuna.trial.TrialState.COMPLETE
 

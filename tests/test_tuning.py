@@ -113,3 +113,14 @@ def test_a_study_needs_a_validation_split(tmp_path: Path):
     cfg = compose_run("tune", [f"paths.root={tmp_path}", *TINY_TRAIN, "model=ease", "tune.trials=1"])
     with pytest.raises(ConfigError, match="tuning needs a validation split"):
         run(cfg)
+
+
+def test_a_failing_trial_names_the_bad_key_and_is_stored_as_failed(tmp_path: Path):
+    cfg = compose_run("tune", [f"paths.root={tmp_path}", *TINY_TRAIN, "data.split.valid_fraction=0.1", "model=ease",
+                               "tune.trials=1"])
+    cfg.search = OmegaConf.create({"metric": "recall@20", "params": {
+        "model.no_such_knob": {"type": "float", "low": 0.1, "high": 1.0}}})
+    with pytest.raises(ConfigError, match="'model.no_such_knob' is not a key of the training config"):
+        run(cfg)
+    study = optuna.load_study(study_name="ease-synthetic", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
