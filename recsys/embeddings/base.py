@@ -155,7 +155,7 @@ class Method(nn.Module, ABC):
         return sum(self.extra_memory_parts().values())
 
 
-PRECOMPUTED_SCORES = 1 << 22  # B x rows below this: score a stream's whole table at once (16 MiB of float32)
+PRECOMPUTED_SCORES = 1 << 22  # B x (rows of all streams) up to this: one lookup table of stream scores (16 MiB)
 
 
 def _rows(table: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
