@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchrec import KeyedJaggedTensor
 
 from recsys.data.schemas import ITEM, USER
 from recsys.errors import ConfigError
@@ -58,21 +57,12 @@ class MFRecommender(TableRecommender):
                 scores = scores * self._inverse_norms[start:start + scores.shape[1]]
             yield start, scores
 
-    @torch.no_grad()
-    def _bags(self, feature: str, bags: list[np.ndarray]) -> torch.Tensor:
-        """(B, D) sums of the vectors of each bag of ids."""
-        lengths = torch.tensor([len(b) for b in bags], dtype=torch.int32)
-        values = torch.from_numpy(np.concatenate([np.asarray(b, dtype=np.int64) for b in bags]))
-        return self.model(KeyedJaggedTensor.from_lengths_sync([feature], values, lengths))[feature]
-
     def queries(self, users: torch.Tensor) -> torch.Tensor:
         return self._vectors(USER, users.numpy()).unsqueeze(1)
 
     def history_queries(self, histories: list[np.ndarray]) -> torch.Tensor:
-        lengths = torch.tensor([max(len(h), 1) for h in histories], dtype=torch.float32)
-        if self.similarity == "cosine":  # the mean of the items' unit vectors
-            counts = torch.tensor([len(h) for h in histories])
-            items = self._vectors(ITEM, np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]))
-            sums = torch.zeros(len(histories), items.shape[1]).index_add_(0, torch.repeat_interleave(counts), items)
-            return mf.as_scored(sums / lengths.unsqueeze(1), self.similarity).unsqueeze(1)
-        return (self._bags(ITEM, histories) / lengths.unsqueeze(1)).unsqueeze(1)
+        """The mean of the given items' vectors (unit vectors under ``cosine``, then normalized again)."""
+        counts = torch.tensor([len(h) for h in histories])
+        items = self._vectors(ITEM, np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]))
+        sums = items.new_zeros(len(histories), items.shape[1]).index_add_(0, torch.repeat_interleave(counts), items)
+        return mf.as_scored(sums / counts.clamp(min=1).unsqueeze(1), self.similarity).unsqueeze(1)
