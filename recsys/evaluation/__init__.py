@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from recsys.evaluation.ctr import ClickRate, ctr_metrics
 from recsys.evaluation.popularity import PopularityScorer
-from recsys.evaluation.ranking import (METRIC_DEFINITIONS, TIE_BREAKS, evaluate_ranking, ranking_metric_names,
-                                       top_k)
+from recsys.evaluation.ranking import (METRIC_DEFINITIONS, TIE_BREAKS, check_tie_break, evaluate_ranking,
+                                       ranking_metric_names, top_k)
 
-__all__ = ["METRIC_DEFINITIONS", "TIE_BREAKS", "ClickRate", "PopularityScorer", "ctr_metrics", "evaluate_ranking",
-           "ranking_metric_names", "top_k"]
+__all__ = ["METRIC_DEFINITIONS", "TIE_BREAKS", "ClickRate", "PopularityScorer", "check_tie_break", "ctr_metrics",
+           "evaluate_ranking", "ranking_metric_names", "top_k"]

@@ -159,11 +159,7 @@ def evaluate_ranking(
     """
     ks = _check_ks(ks)
     batch_size = _check_int(batch_size, "batch_size")
-    if tie_break not in TIE_BREAKS:
-        raise ConfigError(f"tie_break must be one of {', '.join(map(repr, TIE_BREAKS))}, "
-                          f"found {tie_break!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _M32:
-        raise ConfigError(f"seed must be an integer in [0, 2**32), found {seed!r}")
+    check_tie_break(tie_break, seed)
     train, test = _as_csr(train, "train"), _as_csr(test, "test")
     if train.shape != test.shape:
         raise ConfigError(f"train and test must have the same shape (users, items): "
@@ -232,6 +228,15 @@ def evaluate_ranking(
                 out[name] = sums[name] / len(users)
     out["n_users"] = len(users)
     return out
+
+
+def check_tie_break(tie_break: str, seed: int, names: tuple[str, str] = ("tie_break", "seed")) -> None:
+    """ConfigError unless ``tie_break`` is one of TIE_BREAKS and ``seed`` an integer in [0, 2**32); ``names``
+    are what the message calls them (e.g. ``trainer.eval_tie_break``)."""
+    if tie_break not in TIE_BREAKS:
+        raise ConfigError(f"{names[0]} must be one of {', '.join(map(repr, TIE_BREAKS))}, found {tie_break!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _M32:
+        raise ConfigError(f"{names[1]} must be an integer in [0, 2**32), found {seed!r}")
 
 
 class _TieKeys:

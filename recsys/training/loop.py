@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from recsys.data.batching import Batch, CTRBatcher, ParquetBatches
 from recsys.data.dataset import PreparedData
 from recsys.data.vocab import OOV
-from recsys.evaluation import TIE_BREAKS, ctr_metrics, evaluate_ranking
+from recsys.evaluation import check_tie_break, ctr_metrics, evaluate_ranking
 from recsys.training import checkpoint
 from recsys.errors import CheckpointError, ConfigError
 
@@ -78,11 +78,7 @@ class TrainerConfig:
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1:
             raise ConfigError(f"trainer.epochs must be >= 0 and trainer.batch_size >= 1; got {self.epochs}, {self.batch_size}")
-        if self.eval_tie_break not in TIE_BREAKS:
-            raise ConfigError(f"trainer.eval_tie_break must be one of {', '.join(map(repr, TIE_BREAKS))}, "
-                              f"found {self.eval_tie_break!r}")
-        if isinstance(self.eval_seed, bool) or not isinstance(self.eval_seed, int) or not 0 <= self.eval_seed < 2**32:
-            raise ConfigError(f"trainer.eval_seed must be an integer in [0, 2**32), found {self.eval_seed!r}")
+        check_tie_break(self.eval_tie_break, self.eval_seed, ("trainer.eval_tie_break", "trainer.eval_seed"))
         if self.early_stopping is not None and (self.eval_every < 1 or self.patience < 1):
             raise ConfigError(f"trainer.early_stopping={self.early_stopping!r} needs trainer.eval_every >= 1 and "
                               f"trainer.patience >= 1; got {self.eval_every}, {self.patience}")
