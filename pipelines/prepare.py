@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.data.dataset import PreparedData
-from recsys.data.prepare import CTRSettings, InteractionFilters, SourceConfig, is_prepared, prepare_ctr, prepare_interactions
+from recsys.data.prepare import (RANKING_EXCLUDES, CTRSettings, InteractionFilters, SourceConfig, is_prepared,
+                                 prepare_ctr, prepare_interactions)
 from recsys.data.splits import SplitConfig
 from recsys.errors import ConfigError
 
@@ -29,8 +30,8 @@ def ensure_prepared(data: DictConfig, force: bool = False) -> PreparedData:
         if data.kind == "interactions":
             manifest = prepare_interactions(source, data.prepared_dir, InteractionFilters(**data.filters),
                                             SplitConfig(**data.split), data.max_bad_fraction, settings,
-                                            data.get("graph_clusters"), tuple(data.get("ranking_excludes") or
-                                                                              ("train", "valid")))
+                                            data.get("graph_clusters"),
+                                            tuple(data.get("ranking_excludes") or RANKING_EXCLUDES))
         elif data.kind == "ctr":
             manifest = prepare_ctr(source, data.prepared_dir, CTRSettings(**OmegaConf.to_container(data.ctr)),
                                    data.max_bad_fraction, settings)

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from recsys.data.prepare import MANIFEST
+from recsys.data.prepare import MANIFEST, RANKING_EXCLUDES, SPLITS
 from recsys.data.schemas import ITEM, TIMESTAMP, USER, CTRSchema
 from recsys.data.vocab import Vocabulary
 from recsys.embeddings.spec import InteractionGraph
@@ -56,7 +56,7 @@ class PreparedData:
 
     @property
     def splits(self) -> list[str]:
-        return [s for s in ("train", "valid", "test") if (self.root / f"{s}.parquet").is_file()]
+        return [s for s in SPLITS if (self.root / f"{s}.parquet").is_file()]
 
     def vocab(self, feature: str) -> Vocabulary:
         return Vocabulary.load(self.root / "vocab" / f"{feature}.parquet")
@@ -91,7 +91,7 @@ class PreparedData:
     def seen(self, split: str) -> sp.csr_matrix:
         """The interactions a user's ranking on ``split`` leaves out: train's, and for test also those of the
         manifest's ``ranking_excludes`` (train and valid by default; train only for LightGCN-style splits)."""
-        names = self.manifest.get("ranking_excludes", ["train", "valid"]) if split == "test" else ["train"]
+        names = self.manifest.get("ranking_excludes", RANKING_EXCLUDES) if split == "test" else ["train"]
         matrix = sum(self.matrix(name) for name in names if name in self.splits).tocsr()
         matrix.data[:] = 1.0
         return matrix

@@ -38,6 +38,7 @@ from recsys.errors import ConfigError, DataError
 MANIFEST = "manifest.json"
 DENSE_TRANSFORMS = ("log1p", "standard", "log1p_standard", "none")
 SPLITS = ("train", "valid", "test")
+RANKING_EXCLUDES = ("train", "valid")  # default: a test ranking leaves out the items of both earlier splits
 _SPLIT = "_split"  # staged column: index of the row's split in SPLITS
 _CONSTANT = 1e-6  # a std below this times max(1, |mean|) is a constant column: std 0
 
@@ -202,7 +203,7 @@ def _reader(source: SourceConfig) -> tuple[Path, Iterator]:
 def prepare_interactions(source: SourceConfig, out_dir: str | Path, filters: InteractionFilters,
                          split_cfg: SplitConfig, max_bad_fraction: float = 0.01,
                          settings: dict | None = None, graph_clusters: float | None = None,
-                         ranking_excludes: tuple[str, ...] = ("train", "valid")) -> dict:
+                         ranking_excludes: tuple[str, ...] = RANKING_EXCLUDES) -> dict:
     """Reads, validates, filters, indexes and splits interactions; returns the manifest.
 
     ``ranking_excludes`` (kept in the manifest) names the splits whose items a user's test ranking leaves out:
@@ -228,7 +229,7 @@ def prepare_interactions(source: SourceConfig, out_dir: str | Path, filters: Int
         >>> prepare_interactions(SourceConfig("lightgcn", splits={"train": "train.txt", "test": "test.txt"}),
         ...                      "prepared/gowalla", InteractionFilters(), SplitConfig())  # doctest: +SKIP
     """
-    if "train" not in ranking_excludes or not set(ranking_excludes) <= {"train", "valid"}:
+    if "train" not in ranking_excludes or not set(ranking_excludes) <= set(RANKING_EXCLUDES):
         raise ConfigError(f"data.ranking_excludes must be [train] or [train, valid], got {list(ranking_excludes)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
