@@ -56,19 +56,21 @@ def run(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     with tracker.start(f"tune-{settings.study}", config, tags={"study": settings.study, "model": cfg.model.name,
                                                              "data": cfg.data.name}) as parent:
-        remaining = settings.trials - sum(t.state in FINISHED for t in study.trials)
-        for _ in range(max(remaining, 0)):
-            trial = study.ask(space.distributions())
+        states = [t.state for t in study.trials]
+        completed = optuna.trial.TrialState.COMPLETE in states
+        distributions = space.distributions()
+        for _ in range(max(settings.trials - sum(s in FINISHED for s in states), 0)):
+            trial = study.ask(distributions)
             try:
                 value, state = _trial(cfg, data, tracker, space, trial)
             except BaseException:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)  # not left RUNNING in the store
                 raise
             study.tell(trial, value, state)
-            finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-            if finished:
+            completed |= state == optuna.trial.TrialState.COMPLETE
+            if completed:
                 parent.log_metrics({f"best_valid_{space.metric}": study.best_value}, step=trial.number)
-        if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        if not completed:
             raise ConfigError(f"study {settings.study!r}: no trial completed ({len(study.trials)} pruned or failed)")
         best = study.best_trial
         counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
