@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Embedding-compression benchmark: MF-BPR on ml100k with every compression method at 4 memory budgets.
+"""Embedding-compression benchmark: MF on ml100k (or a tuned config's data) with every compression method at 4 budgets.
 
 Every method stores both MF tables (user and item, ``EmbeddingSettings.default``) at a fraction
 ``budget`` of the full float32 tables' bytes, for budgets 1/2, 1/4, 1/16 and 1/64. The model, data,
@@ -10,8 +10,8 @@ Kinds of methods (``METHODS`` below; all run by default):
 
 - **trained**: the compressed tables are trained from scratch with ``recsys.training.loop.fit``
   (hashing, double hashing, multi-hash, hash embedding, frequency hashing, quotient-remainder with
-  the mult / concat / add combiners, compositional k=3, mixed dimension, GraphHash, and PQ with random
-  codes as a baseline).
+  the mult / concat / add combiners, compositional k=3, mixed dimension, GraphHash, low-rank factorized
+  tables, TT-Rec tensor-train tables, and PQ with random codes as a baseline).
 - **post-training**: the trained *full* MF tables (trained once, also the reference row) are
   compressed afterwards: product quantization by FAISS k-means (``product_quantization``, no
   fine-tuning; ``pq_finetune``: then ``--pq-finetune-epochs`` epochs of BPR on the codebooks, codes
@@ -31,6 +31,14 @@ benchmarks/results/compression.{json,md,png}; one MLflow run per (method, budget
 
     python benchmarks/compression.py                                   # everything
     python benchmarks/compression.py --budgets 0.25 0.0625 --methods full hashing --epochs 10
+
+With ``--tuned <study>.yaml`` (written by ``pipelines.tune``) every run uses that study's data, model and settings
+chosen on its validation split (early stopping on valid included), and the files are
+``compression_<dataset>.{json,md,png}``; ``--item-bias`` gives every run (the full model too) MF's per-item bias,
+whose bytes count against each budget. The issue-17 run on the LightGCN split of ML-1M:
+
+    python benchmarks/compression.py --tuned data/bench_leaderboard/tuning/tuned/mf_sampled_softmax-ml1m_lightgcn.yaml \
+        --item-bias --budgets 0.25 0.0625 0.015625
 """
 
 from __future__ import annotations
@@ -67,14 +75,16 @@ from recsys.tracking.mlflow_run import Tracker  # noqa: E402
 from recsys.training.loop import evaluate  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-DATASET = "ml100k"
+DATASET, MODEL = "ml100k", "mf_bpr"  # --tuned sets both from a study's tuned config
+TUNED: list[str] = []  # the tuned config's model and trainer settings, as overrides of every run (--tuned)
+ITEM_BIAS = False  # --item-bias: every run (the full tables too) learns MF's per-item bias, counted in its bytes
 BUDGETS = (1 / 2, 1 / 4, 1 / 16, 1 / 64)
 EPOCHS = 20
 FINETUNE_EPOCHS = 2  # codebook fine-tuning epochs of pq_finetune (product_quantization has none)
 THREADS = 2
 SEED = 0
 K = 20
-DIM = 64  # model.dim of conf/model/mf_bpr.yaml (checked against the composed config)
+DIM = 64  # model.dim of the composed config (set by benchmark())
 CHECKPOINTS = Path(tempfile.gettempdir()) / "bench-compression-checkpoints"  # removed at exit
 
 
@@ -93,6 +103,7 @@ class MethodDef:
         group: its ``conf/embedding`` group (trained and vq methods).
         params: ``embedding.default.*`` fields set besides the budget.
         fixed_ratio: the nominal ratio of a fixed-ratio method (serving quantization).
+        overrides: other Hydra overrides of its runs.
     """
 
     name: str
@@ -102,6 +113,7 @@ class MethodDef:
     group: str | None = None
     params: dict = field(default_factory=dict)
     fixed_ratio: float | None = None
+    overrides: tuple[str, ...] = ()
 
 
 EMB = "recsys.embeddings"
@@ -126,6 +138,11 @@ METHODS: dict[str, MethodDef] = {m.name: m for m in [
               "mixed_dim", params={"base_dim": None}),
     MethodDef("graph_hash", "GraphHash", "trained", f"{EMB}.graph_hash:GraphHash", "graph_hash",
               params={"rows": None}),
+    MethodDef("low_rank", "Low-rank (N x r table, r x D projection)", "trained", f"{EMB}.low_rank:LowRank", "low_rank",
+              params={"rank": None, "rank_multiple": 1},  # any rank (at 1/16 of D = 64, r = 3) ...
+              overrides=("sharding=data_parallel",)),  # ... on the dense kernel: FBGEMM's fused ones need 4k widths
+    MethodDef("tensor_train", "Tensor train (TT-Rec, 3 cores)", "trained", f"{EMB}.tensor_train:TensorTrain",
+              "tensor_train", params={"rank": None}),
     MethodDef("product_quantization", "PQ (post-training k-means)", "post",
               f"{EMB}.quantization:ProductQuantization"),
     MethodDef("pq_finetune", "PQ (post-training k-means + codebook fine-tuning)", "post",
@@ -159,12 +176,25 @@ def available(method: MethodDef) -> str | None:
     return None
 
 
+def tables_budget(data, budget: float) -> float:
+    """The fraction of the full user + item tables' bytes the compressed tables may use together so that the model's
+    bytes (with the item bias, kept full, under ``--item-bias``) are ``budget`` x the full model's."""
+    tables = (data.n_users + data.n_items) * DIM * 4
+    bias = data.n_items * 4 if ITEM_BIAS else 0
+    allowed = (budget * (tables + bias) - bias) / tables
+    if allowed <= 0:
+        raise ConfigError(f"budget {budget:g}: the item bias alone ({bias} bytes) takes all of it")
+    return allowed
+
+
 def embedding_overrides(method: MethodDef, budget: float | None) -> list[str]:
-    """Hydra overrides selecting ``method`` at ``budget`` for every table."""
+    """Hydra overrides selecting ``method`` with the user and item tables in ``budget`` of their full bytes together
+    (``embedding.total_budget``: ``split_budget`` gives a table under its smallest layout more, the other less)."""
     if method.kind in ("full", "post", "serving"):
         return ["embedding=full"]
     fields = {"budget": budget, **method.params}
-    return [f"embedding={method.group}"] + [f"++embedding.default.{k}={_hydra_value(v)}" for k, v in fields.items()]
+    return ([f"embedding={method.group}", f"embedding.total_budget={budget}", "embedding.full_below_rows=0",
+             *method.overrides] + [f"++embedding.default.{k}={_hydra_value(v)}" for k, v in fields.items()])
 
 
 def _hydra_value(value) -> str:
@@ -172,13 +202,34 @@ def _hydra_value(value) -> str:
         return str(value).lower()
     if value is None:
         return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
     return str(value)
 
 
 # --------------------------------------------------------------------------- running
 
 def common_overrides() -> list[str]:
-    return [f"trainer.checkpoint_dir={CHECKPOINTS}"]
+    return [f"trainer.checkpoint_dir={CHECKPOINTS}", *TUNED, f"model.item_bias={str(ITEM_BIAS).lower()}"]
+
+
+def tuned_settings(path: Path) -> tuple[str, str, list[str], int]:
+    """Data, model, overrides (its ``model`` and ``trainer`` settings but the epochs) and epochs of a tuned config
+    written by ``pipelines.tune`` (``<tune.output_dir>/tuned/<study>.yaml``)."""
+    tuned = OmegaConf.load(path)
+    groups = {k.split("/")[-1]: v for d in tuned.defaults if OmegaConf.is_dict(d) for k, v in d.items()}
+    flat = [f"{section}.{key}={_hydra_value(value)}" for section in ("model", "trainer")
+            for key, value in _leaves(OmegaConf.to_container(tuned.get(section, {})))]
+    epochs = [o for o in flat if o.startswith("trainer.epochs=")]
+    return groups["data"], groups["model"], [o for o in flat if o not in epochs], int(epochs[0].split("=")[1])
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def model_kwargs(cfg) -> dict:
@@ -211,10 +262,20 @@ def layout(task) -> dict:
             for name, method in task.embeddings.methods.items()}
 
 
-def train(cfg, data, run, embedding=None, epochs: int | None = None) -> tuple[object, dict]:
-    """Builds the task and trains it with ``fit`` (test metrics at the end); returns (task, record)."""
+def copy_bias(source, target) -> None:
+    """``target``'s item bias set to ``source``'s (tables built from a trained model keep its bias)."""
+    if source.item_bias is not None:
+        with torch.no_grad():
+            target.item_bias.copy_(source.item_bias)
+
+
+def train(cfg, data, run, embedding=None, epochs: int | None = None, bias_from=None) -> tuple[object, dict]:
+    """Builds the task (its item bias from ``bias_from``, if given) and trains it with ``fit`` (test metrics at the
+    end); returns (task, record)."""
     began = time.perf_counter()
     task, trainer = build_task(cfg, data, embedding, epochs)
+    if bias_from is not None:
+        copy_bias(bias_from, task)
     build_seconds = time.perf_counter() - began
     began = time.perf_counter()
     metrics, seconds, _ = fit_logged(task, data, trainer, run)
@@ -226,7 +287,7 @@ def train(cfg, data, run, embedding=None, epochs: int | None = None) -> tuple[ob
 def full_model(state: dict, data, epochs: int, run=None) -> tuple[object, dict]:
     """The full MF model, trained once and reused by the post-training methods."""
     if "full" not in state:
-        state["cfg"] = compose_cfg(DATASET, "mf_bpr", epochs, common_overrides() + ["embedding=full"])
+        state["cfg"] = compose_cfg(DATASET, MODEL, epochs, common_overrides() + ["embedding=full"])
         state["full"] = train(state["cfg"], data, run)
     return state["full"]
 
@@ -278,6 +339,7 @@ def run_post_pq(state: dict, data, budget: float, epochs: int, run, finetune: in
     full_task, full = full_model(state, data, epochs)
     began = time.perf_counter()
     vectors = trained_vectors(full_task)
+    budget = tables_budget(data, budget)
     tables = {name: ProductQuantization.from_table(rows, subspaces=pq_subspaces({name: tuple(rows.shape)}, budget),
                                                    budget=budget, seed=SEED)
               for name, rows in vectors.items()}
@@ -285,9 +347,10 @@ def run_post_pq(state: dict, data, budget: float, epochs: int, run, finetune: in
     settings = EmbeddingSettings(tables=tables)
     began = time.perf_counter()
     task, _ = build_task(state["cfg"], data, settings, epochs=finetune)
+    copy_bias(full_task, task)
     before = evaluate(task, data, "test", [K])
     if finetune:
-        task, record = train(state["cfg"], data, run, settings, epochs=finetune)
+        task, record = train(state["cfg"], data, run, settings, epochs=finetune, bias_from=full_task)
     else:
         record = {"epochs": 0, "train_seconds": 0.0, "metrics": before,
                   "memory": {k: int(v) for k, v in task.memory().items()}, "layout": layout(task)}
@@ -321,12 +384,15 @@ def run_serving(state: dict, data, kind: str, epochs: int, run) -> dict:
         error = {name: float((served(jagged([name], [np.arange(len(rows))]))[name] - rows).abs().max())
                  for name, rows in vectors.items()}
 
+    bias = 0.0 if full_task.item_bias is None else full_task.item_bias.detach()[:, 0]
+
     def score(users: torch.Tensor) -> torch.Tensor:
-        return served(jagged([USER], [users.numpy()]))[USER] @ items.T
+        return served(jagged([USER], [users.numpy()]))[USER] @ items.T + bias
 
     metrics = evaluate(score, data, "test", [K])
     return {"epochs": full["epochs"], "train_seconds": full["train_seconds"] + post, "post_seconds": post,
-            "metrics": metrics, "memory": {k: int(v) for k, v in served.memory().items()},
+            "metrics": metrics, "memory": {k: int(v) + (4 * data.n_items if ITEM_BIAS and k == "item" else 0)
+                                           for k, v in served.memory().items()},
             "notes": {"max_abs_error": error}}
 
 
@@ -340,6 +406,7 @@ def run_vq(cfg, data, run) -> dict:
     usage = {name: methods[name].codebook_usage(vectors[name]) for name in vectors}
     exported = {name: methods[name].export(vectors[name]) for name in vectors}
     export_task, _ = build_task(cfg, data, EmbeddingSettings(tables=exported))
+    copy_bias(task, export_task)
     metrics = evaluate(export_task, data, "test", [K])
     exported_vectors = trained_vectors(export_task)
     same = {name: float((exported_vectors[name] - vectors[name]).abs().max()) for name in vectors}
@@ -355,11 +422,12 @@ def run_one(method: MethodDef, budget: float | None, state: dict, data, epochs: 
         return run_serving(state, data, method.name, epochs, run)
     if method.kind == "post":
         return run_post_pq(state, data, budget, epochs, run, FINETUNE_EPOCHS if method.name == "pq_finetune" else 0)
-    overrides = embedding_overrides(method, budget)
+    overrides = embedding_overrides(method, tables_budget(data, budget))
     if method.kind == "vq" or method.name == "pq_random_codes":
         sizes = {"user": (data.n_users, DIM), "item": (data.n_items, DIM)}
-        overrides.append(f"++embedding.default.subspaces={_hydra_value(pq_subspaces(sizes, budget))}")
-    cfg = compose_cfg(DATASET, "mf_bpr", epochs, common_overrides() + overrides)
+        subspaces = pq_subspaces(sizes, tables_budget(data, budget))
+        overrides.append(f"++embedding.default.subspaces={_hydra_value(subspaces)}")
+    cfg = compose_cfg(DATASET, MODEL, epochs, common_overrides() + overrides)
     if run is not None:
         run.log_dict(OmegaConf.to_container(cfg.embedding, resolve=True), "embedding_config.json")
     if method.kind == "vq":
@@ -396,8 +464,12 @@ def ok(r: dict) -> bool:
 def markdown(report: dict) -> str:
     rows, budgets, full = report["rows"], report["settings"]["budgets"], report["full_bytes"]
     pop = report["popularity"]
-    lines = [f"Recall@{K} / NDCG@{K} on ml100k's test split, and the measured bytes as a fraction of the full "
-             f"tables' {report['full_bytes']:,} bytes ({fmt_bytes(full)}). `!` = measured bytes above the budget; "
+    settings = report["settings"]
+    lines = [f"{settings['model_name']} on {settings['dataset']}: Recall@{K} / NDCG@{K} on the test split, and the "
+             f"measured bytes as a fraction of the full model's {report['full_bytes']:,} bytes ({fmt_bytes(full)}"
+             f"{', the item bias included' if settings.get('item_bias') else ''}; the user and item tables share "
+             f"each budget: embedding.total_budget). Settings: {settings.get('tuned') or 'the model config'}. "
+             f"`!` = measured bytes above the budget; "
              f"`n/a` = the method cannot fit the budget (it raises a ConfigError). Full tables: Recall@{K} "
              f"{report['full'][f'recall@{K}']:.4f}, NDCG@{K} {report['full'][f'ndcg@{K}']:.4f}; popularity: "
              f"Recall@{K} {pop[f'recall@{K}']:.4f}, NDCG@{K} {pop[f'ndcg@{K}']:.4f}. Metric definitions: "
@@ -465,6 +537,7 @@ STYLE = {  # method -> (colour, line style, marker); variants of one method shar
     "qr_mult": ("#e6194b", "-", "^"), "qr_concat": ("#f58231", "-", "^"), "qr_add": ("#800000", "--", "^"),
     "compositional": ("#9a6324", "-", "D"), "compositional_init1": ("#9a6324", "--", "D"),
     "mixed_dim": ("#911eb4", "-", "P"), "graph_hash": ("#808000", "-", "X"),
+    "low_rank": ("#008080", "-", "<"), "tensor_train": ("#aa6e28", "-", ">"),
     "product_quantization": ("#f032e6", "-", "*"), "pq_finetune": ("#f032e6", "--", "*"),
     "pq_random_codes": ("#f032e6", ":", "d"), "vq_e2e": ("#d4a017", "-", "h"),
     "int8": ("#404040", "", "o"), "int4": ("#404040", "", "s"), "fp16": ("#404040", "", "D"),
@@ -503,7 +576,8 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel(f"Recall@{K} (test)")
     ax.set_ylim(0, full[f"recall@{K}"] * 1.15)
     ax.set_xlim(report["full_bytes"] * min(report["settings"]["budgets"]) / 2, report["full_bytes"] * 1.6)
-    ax.set_title(f"MF-BPR on ml100k, both tables compressed: memory vs Recall@{K} "
+    ax.set_title(f"{report['settings']['model_name']} on {report['settings']['dataset']}, both tables compressed: "
+                 f"memory vs Recall@{K} "
                  f"({report['settings']['epochs']} epochs, dim {report['settings']['dim']}, seed {SEED})")
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(True, which="major", alpha=0.3)
@@ -523,9 +597,9 @@ def benchmark(args) -> dict:
         (missing.__setitem__(name, why) if why else methods.append(METHODS[name]))
     for name, why in missing.items():
         print(f"missing: {name}: {why}", flush=True)
-    cfg = compose_cfg(DATASET, "mf_bpr", args.epochs, common_overrides())
-    if cfg.model.dim != DIM:
-        raise SystemExit(f"conf/model/mf_bpr.yaml has dim {cfg.model.dim}; update DIM = {DIM} in this script")
+    global DIM
+    cfg = compose_cfg(DATASET, MODEL, args.epochs, common_overrides())
+    DIM = cfg.model.dim
     data = ensure_prepared(cfg.data)
     info = data_info(data)
     print(f"[{DATASET}] {info['n_users']} users x {info['n_items']} items, {info['train']} train / "
@@ -533,7 +607,8 @@ def benchmark(args) -> dict:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=False)
     report = {"machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "git": git_state(),
-              "settings": {"dataset": DATASET, "budgets": list(args.budgets), "methods": [m.name for m in methods],
+              "settings": {"dataset": DATASET, "model_name": MODEL, "tuned": args.tuned and str(args.tuned),
+                           "item_bias": ITEM_BIAS, "budgets": list(args.budgets), "methods": [m.name for m in methods],
                            "epochs": args.epochs, "dim": cfg.model.dim, "seed": SEED, "k": K, "threads": THREADS,
                            "pq_finetune_epochs": args.pq_finetune_epochs, "model": model_cfg,
                            "trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
@@ -591,22 +666,31 @@ def benchmark(args) -> dict:
                 run.set_tags({"over_budget": str(r["over_budget"])})
                 r["mlflow_run_id"] = run.id
             report["rows"].append(r)
+            write(report, began_all)  # after every row: a stopped run keeps what it measured
             print(f"{method.name:<22} {budget_label(budget):>5}  {fmt_bytes(r['bytes']):>10} x{r['ratio']:.4f}"
                   f"{' OVER BUDGET' if r['over_budget'] else ''}  recall@{K} {r[f'recall@{K}']:.4f}  "
                   f"ndcg@{K} {r[f'ndcg@{K}']:.4f}  train {r['train_seconds']:.1f}s", flush=True)
-    report["load_average_at_end"] = list(os.getloadavg())
-    report["total_seconds"] = time.perf_counter() - began_all
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compression.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (RESULTS / "compression.md").write_text(markdown(report))
-    plot(report, RESULTS / "compression.png")
+    files = write(report, began_all)
     with tracker.start("summary", {"command": report["command"], "budgets": list(args.budgets),
                                    "methods": [m.name for m in methods], "epochs": args.epochs},
                        tags={"benchmark": "compression", "invocation": report["date"]}) as run:
-        for name in ("compression.json", "compression.md", "compression.png"):
-            run.log_artifact(RESULTS / name)
+        for path in files:
+            run.log_artifact(path)
     print(markdown(report))
     return report
+
+
+def write(report: dict, began: float) -> list[Path]:
+    """Writes the report's json, md and png (``compression[_<dataset>]``); returns their paths."""
+    report["load_average_at_end"] = list(os.getloadavg())
+    report["total_seconds"] = time.perf_counter() - began
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "compression" if DATASET == "ml100k" else f"compression_{DATASET}"
+    files = [RESULTS / f"{stem}.{ext}" for ext in ("json", "md", "png")]
+    files[0].write_text(json.dumps(report, indent=2, default=str) + "\n")
+    files[1].write_text(markdown(report))
+    plot(report, files[2])
+    return files
 
 
 def row(method: MethodDef, budget: float | None, record: dict, full_bytes: int, limit: float | None) -> dict:
@@ -626,16 +710,26 @@ def row(method: MethodDef, budget: float | None, record: dict, full_bytes: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    global FINETUNE_EPOCHS
+    global FINETUNE_EPOCHS, DATASET, MODEL, TUNED, ITEM_BIAS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS),
                         help="fractions of the full tables' bytes (default 1/2 1/4 1/16 1/64)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
-    parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"MF-BPR epochs of every method (default {EPOCHS})")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"MF epochs of every method (default: the tuned config's, else {EPOCHS})")
+    parser.add_argument("--tuned", type=Path, default=None,
+                        help="a tuned config of pipelines.tune (<tune.output_dir>/tuned/<study>.yaml): its data, model "
+                             "and settings (chosen on valid) for every run, instead of MF-BPR on ml100k")
+    parser.add_argument("--item-bias", action="store_true",
+                        help="every run learns MF's per-item bias (kept full; its bytes count against the budget)")
     parser.add_argument("--pq-finetune-epochs", type=int, default=FINETUNE_EPOCHS,
                         help=f"codebook fine-tuning epochs of pq_finetune (default {FINETUNE_EPOCHS})")
     args = parser.parse_args(argv)
-    FINETUNE_EPOCHS = args.pq_finetune_epochs
+    FINETUNE_EPOCHS, ITEM_BIAS = args.pq_finetune_epochs, args.item_bias
+    if args.tuned is not None:
+        DATASET, MODEL, TUNED, tuned_epochs = tuned_settings(args.tuned)
+        args.epochs = args.epochs or tuned_epochs
+    args.epochs = args.epochs or EPOCHS
     torch.set_num_threads(THREADS)
     torch.manual_seed(SEED)
     np.random.seed(SEED)

@@ -172,6 +172,15 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name}{' (ours)' if name in OURS else ''} | {KIND[name]} | {how} | "
                      f"{r['test']['recall@20']:.4f} | {r['test']['ndcg@20']:.4f} | "
                      f"{'' if valid is None else f'{valid:.4f}'} | {chosen} |")
+    lines += ["", "## What the tuning found", "",
+              "fANOVA importance of each setting for valid Recall@20 (Optuna's FanovaImportanceEvaluator over the "
+              "study's completed trials; pruned trials are left out; shares sum to 1), and the chosen value:", ""]
+    for name in (n for n in order if n in OURS):
+        found = importances(name)
+        if found:
+            chosen = rows[name]["chosen"]
+            lines.append(f"- **{name}**: " + ", ".join(
+                f"{k.split('.')[-1]} {v:.2f} (chosen {_short(chosen.get(k))})" for k, v in found.items()))
     m = report["machine"]
     lines += ["", "For orientation (../shared/data/README.md, settings chosen on valid): popularity 0.118 / 0.164, "
               "NumPy EASE (lambda 1000) 0.254 / 0.327, implicit ALS 0.251 / 0.308, implicit BPR 0.153 / 0.185.", "",
@@ -179,6 +188,23 @@ def markdown(report: dict) -> str:
               f"OMP_WAIT_POLICY={m['OMP_WAIT_POLICY']}; load average at start {m['load_average_at_start']}. "
               f"Command: `{report['command']}`."]
     return "\n".join(lines) + "\n"
+
+
+def importances(model: str) -> dict[str, float]:
+    """fANOVA importances of the settings of ``model``'s stored study, largest first; {} without one (or without
+    two completed trials)."""
+    import optuna
+
+    storage = f"sqlite:///{WORK / 'optuna.db'}"
+    study = f"{model}-{DATA}"
+    if not (WORK / "optuna.db").is_file() or study not in optuna.study.get_all_study_names(storage):
+        return {}
+    loaded = optuna.load_study(study_name=study, storage=storage)
+    if sum(t.state == optuna.trial.TrialState.COMPLETE for t in loaded.trials) < 2:
+        return {}
+    found = optuna.importance.get_param_importances(loaded, evaluator=optuna.importance.FanovaImportanceEvaluator(
+        seed=0))
+    return {k: float(v) for k, v in found.items()}
 
 
 def _short(value) -> str:
@@ -206,10 +232,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=[*PEERS, *OURS], choices=[*PEERS, *OURS])
     parser.add_argument("--trials", type=int, default=30, help="Optuna trials per model (and grid points per peer)")
     parser.add_argument("--ease-trials", type=int, default=12, help="Optuna trials over EASE's lambda")
+    parser.add_argument("--report", action="store_true",
+                        help="only write leaderboard.md and .png again from leaderboard.json and the stored studies")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / "leaderboard.json"
     report = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": {}}
+    if args.report:
+        (RESULTS / "leaderboard.md").write_text(markdown(report))
+        plot(report, RESULTS / "leaderboard.png")
+        return
     data = ensure_prepared(compose_run("train", base_overrides()).data)
     report |= {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
                "command": "python benchmarks/leaderboard.py " + shlex.join(argv or sys.argv[1:]),

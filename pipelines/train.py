@@ -58,6 +58,13 @@ def run(cfg: DictConfig) -> dict:
         mlrun.log_metrics({**memory, "total": sum(memory.values())}, prefix="table_bytes_")
         if hasattr(model, "memory_parts"):  # tables, codebooks, codes, id maps, projections
             mlrun.log_dict(model.memory_parts(), "table_memory.json")
+        if hasattr(model, "layout"):  # per table: the method it got, its budget, its bytes
+            layout = model.layout()
+            mlrun.log_dict(layout, "table_layout.json")
+            if is_main():
+                for table, entry in layout.items():
+                    log.info("table %s: %s, budget %s, %d of %d full bytes", table, entry["method"], entry["budget"],
+                             entry["bytes"], entry["full_bytes"])
         model_uri = None
         if cfg.log_model:
             package = package_model(model, data, config, metrics)  # every rank: sharded tables are gathered

@@ -68,9 +68,12 @@ def test_train_pipeline_logs_a_complete_mlflow_run(compose_config, tmp_path):
     assert len(client.get_metric_history(result["run_id"], "loss")) == 2  # one per epoch
     assert logged.data.params["model.dim"] == "16"
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
-    assert {"config.yaml", "data_manifest.json", "table_memory.json"} <= artifacts
+    assert {"config.yaml", "data_manifest.json", "table_memory.json", "table_layout.json"} <= artifacts
     parts = client.download_artifacts(result["run_id"], "table_memory.json", str(tmp_path))
     assert sum(json.loads(Path(parts).read_text()).values()) == metrics["table_bytes_total"]
+    layout = json.loads(Path(client.download_artifacts(result["run_id"], "table_layout.json", str(tmp_path))).read_text())
+    assert {table: entry["bytes"] for table, entry in layout.items()} == result["memory"]  # per table: method, budget
+    assert {(entry["method"], entry["budget"]) for entry in layout.values()} == {("Full", None)}
 
 
 @pytest.mark.integration

@@ -205,8 +205,10 @@ def test_loss_is_binary_cross_entropy_of_the_logits():
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_runs_with_every_compression_method(model, method, tiny, tmp_path):
     # compress_min_rows=200 (the yamls' default) compresses s0, s1 and tags; the smaller tables cannot fit the
-    # budgets of every method. mixed_dim's narrowest block (4 columns + a 4 x 16 projection) needs more than 0.25 at D = 16.
-    overrides = (f"model={model}", f"embedding={method}", *(("embedding.default.budget=0.5",) if method == "mixed_dim" else ()))
+    # budgets of every method. mixed_dim's narrowest block (4 columns + a 4 x 16 projection) needs more than 0.25 at D = 16,
+    # and so does low_rank's smallest rank, 4 (4 / 16 of the rows + a 4 x 16 projection).
+    overrides = (f"model={model}", f"embedding={method}",
+                 *(("embedding.default.budget=0.5",) if method in ("mixed_dim", "low_rank") else ()))
     if method == "graph_hash":
         with pytest.raises(ConfigError, match=r"GraphHash on table '\w+' needs the training graph .* CTR fields do "
                                               "not have; choose another compression method"):
@@ -245,9 +247,10 @@ def test_deepfm_first_order_tables_can_be_compressed(method, tiny, tmp_path):
 
 def test_total_budget_holds_for_the_fields_and_the_compressed_first_order_tables(tiny, tmp_path):
     # embedding.total_budget: each collection (the fields, the first-order tables) within 1/4 of its full bytes,
-    # the small tables kept full included
+    # the small tables kept full included (by model.compress_min_rows=200 only: every field of the tiny data is under
+    # embedding.full_below_rows' default 1000 rows)
     task, _ = _build(tiny, tmp_path, "model=deepfm", "embedding=quotient_remainder", "embedding.default.budget=0.9",
-                     "embedding.total_budget=0.25", "model.first_order=compressed")
+                     "embedding.total_budget=0.25", "embedding.full_below_rows=0", "model.first_order=compressed")
     assert task.predict(_batch(tiny)).shape == (64,)
     for collection in task.embeddings, task.first_order:
         full = sum(spec.full_bytes for spec in collection.specs.values())

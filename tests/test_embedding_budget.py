@@ -1,5 +1,7 @@
 """One memory budget split over several tables: smallest layouts, the water-filling split, errors."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -8,14 +10,17 @@ from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
 from recsys.embeddings.compositional import QuotientRemainder
 from recsys.embeddings.full import Full
 from recsys.embeddings.hashing import Hashing
+from recsys.embeddings.low_rank import LowRank
 from recsys.embeddings.mixed_dim import MixedDimension
 from recsys.embeddings.spec import TableSpec, TableStats
+from recsys.embeddings.tensor_train import TensorTrain
 from recsys.errors import ConfigError
 
 # Frappe's three large fields at D = 32
 SPECS = [TableSpec("user", 885, 32, ("user",)), TableSpec("item", 4083, 32, ("item",)),
          TableSpec("city", 222, 32, ("city",))]
-METHODS = [Hashing(budget=1.0), QuotientRemainder(budget=1.0), MixedDimension(budget=1.0, blocks=2, dim_multiple=1)]
+METHODS = [Hashing(budget=1.0), QuotientRemainder(budget=1.0), MixedDimension(budget=1.0, blocks=2, dim_multiple=1),
+           LowRank(budget=1.0), TensorTrain(budget=1.0)]
 
 
 def zipf_stats(spec: TableSpec) -> TableStats:
@@ -105,7 +110,7 @@ def test_total_budget_sizes_the_default_tables_as_split_budget_does():
     specs = [*SPECS, small]
     stats = {s.name: zipf_stats(s) for s in specs}
     qr = QuotientRemainder(budget=0.5)  # the method's own budget is replaced
-    emb = CompressedEmbeddings(specs, EmbeddingSettings(default=qr, total_budget=1 / 16), stats)
+    emb = CompressedEmbeddings(specs, EmbeddingSettings(default=qr, total_budget=1 / 16, full_below_rows=0), stats)
     allowed = sum(s.full_bytes for s in specs) // 16
     assert sum(emb.memory().values()) <= allowed
     budgets = split_budget(qr, SPECS, allowed - small.full_bytes, stats)
@@ -117,7 +122,8 @@ def test_total_budget_sizes_the_default_tables_as_split_budget_does():
 
 def test_total_budget_counts_the_tables_listed_under_tables_at_their_size():
     stats = {s.name: zipf_stats(s) for s in SPECS}
-    settings = EmbeddingSettings(default=Hashing(budget=1.0), tables={"city": Full()}, total_budget=0.25)
+    settings = EmbeddingSettings(default=Hashing(budget=1.0), tables={"city": Full()}, total_budget=0.25,
+                                 full_below_rows=0)
     emb = CompressedEmbeddings(SPECS, settings, stats)
     memory = emb.memory()
     assert memory["city"] == SPECS[2].full_bytes
@@ -135,4 +141,64 @@ def test_total_budget_errors():
     with pytest.raises(ConfigError, match="Full takes no budget"):
         CompressedEmbeddings(SPECS, EmbeddingSettings(total_budget=0.5))
     with pytest.raises(ConfigError, match=r"QuotientRemainder: the smallest layouts of tables \['city', 'item', 'user'\]"):
-        CompressedEmbeddings(SPECS, EmbeddingSettings(default=QuotientRemainder(budget=1.0), total_budget=0.001))
+        CompressedEmbeddings(SPECS, EmbeddingSettings(default=QuotientRemainder(budget=1.0), total_budget=0.001,
+                                                      full_below_rows=0))
+
+
+# --- EmbeddingSettings.full_below_rows: small default-method tables stay full under a total budget -----------------
+
+TIERS = [TableSpec("country", 50, 16, ("country",)), TableSpec("city", 800, 16, ("city",)),
+         TableSpec("item", 100_000, 16, ("item",))]
+
+
+def test_tables_under_the_threshold_stay_full_and_the_large_ones_share_the_rest():
+    full = sum(s.full_bytes for s in TIERS)
+    settings = EmbeddingSettings(default=Hashing(budget=1.0), total_budget=0.05, full_below_rows=1000)
+    emb = CompressedEmbeddings(TIERS, settings)
+    memory, allowed = emb.memory(), int(0.05 * full)
+    assert memory["country"] == 50 * 16 * 4 and memory["city"] == 800 * 16 * 4  # full: rows x D x float32
+    assert emb.methods["country"].plain_tables()[0].rows == 50 and emb.methods["city"].plain_tables()[0].rows == 800
+    rest = allowed - memory["country"] - memory["city"]
+    assert 0.99 * rest <= memory["item"] <= rest  # the large table gets the remainder
+    assert sum(memory.values()) <= allowed
+    layout = emb.layout()
+    assert layout["country"] == {"method": "Full", "budget": None, "bytes": 3200, "full_bytes": 3200}
+    assert layout["item"]["method"] == "Hashing" and layout["item"]["budget"] == pytest.approx(rest / (100_000 * 64))
+    assert layout["item"]["bytes"] == memory["item"] <= layout["item"]["budget"] * layout["item"]["full_bytes"]
+    # without a threshold every table shares the budget at one fraction
+    shared = CompressedEmbeddings(TIERS, EmbeddingSettings(default=Hashing(budget=1.0), total_budget=0.05,
+                                                           full_below_rows=0)).layout()
+    assert {t: e["method"] for t, e in shared.items()} == dict.fromkeys(["country", "city", "item"], "Hashing")
+    assert shared["item"]["budget"] > layout["item"]["budget"]
+
+
+def test_tables_listed_under_tables_keep_their_method_below_the_threshold():
+    settings = EmbeddingSettings(default=Hashing(budget=1.0), tables={"city": Hashing(rows=100)}, total_budget=0.05)
+    layout = CompressedEmbeddings(TIERS, settings).layout()
+    assert (layout["country"]["method"], layout["city"]["method"]) == ("Full", "Hashing")
+    assert layout["city"]["bytes"] == 100 * 16 * 4
+    assert sum(e["bytes"] for e in layout.values()) <= int(0.05 * sum(s.full_bytes for s in TIERS))
+    without = CompressedEmbeddings(TIERS, EmbeddingSettings(default=Hashing(budget=0.5), full_below_rows=10**6))
+    assert {e["method"] for e in without.layout().values()} == {"Hashing"}  # no total budget: no threshold
+
+
+def test_small_full_tables_over_the_total_are_named_with_their_bytes():
+    settings = EmbeddingSettings(default=Hashing(budget=1.0), total_budget=0.001)  # 6,454 bytes of 6,454,400
+    with pytest.raises(ConfigError, match=r"embedding.total_budget=0.001 allows 6454 bytes for all tables, but the "
+                                          r"tables under embedding.full_below_rows=1000 rows, kept full, need 54400 "
+                                          r"bytes alone: country \(3200 bytes\), city \(51200 bytes\); raise "
+                                          r"total_budget or lower full_below_rows \(0: no threshold\)"):
+        CompressedEmbeddings(TIERS, settings)
+    for bad in (-1, 2.5, True, "1000", None):
+        with pytest.raises(ConfigError, match=r"embedding.full_below_rows must be an integer >= 0 \(a number of "
+                                              rf"rows; 0 = no threshold\), got {re.escape(repr(bad))}"):
+            EmbeddingSettings(full_below_rows=bad)
+
+
+def test_packages_written_before_the_threshold_load_without_it():
+    from recsys.inference.package import from_config, to_config
+
+    config = to_config(EmbeddingSettings(default=Hashing(budget=1.0), total_budget=0.05))
+    assert config["full_below_rows"] == 1000 and from_config(config).full_below_rows == 1000
+    del config["full_below_rows"]  # an older package: every default table shared the budget
+    assert from_config(config).full_below_rows == 0

@@ -214,6 +214,8 @@ OTHER_METHODS = {
                              dict(subspaces=2, codewords=16)),
     "frequency_hashing": ("recsys.embeddings.hashing", "FrequencyHashing", dict(private=8, rows=16)),
     "hash_embedding": ("recsys.embeddings.hashing", "MultiHash", dict(k=2, rows=16, importance=True)),
+    "low_rank": ("recsys.embeddings.low_rank", "LowRank", dict(rank=3)),                  # dim 3
+    "tensor_train": ("recsys.embeddings.tensor_train", "TensorTrain", dict(rank=2)),     # cores 10, 4, 4 wide
 }
 
 

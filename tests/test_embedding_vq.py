@@ -11,6 +11,7 @@ from recsys.embeddings.quantization import (DifferentiableVQ, ProductQuantizatio
                                             plan_codebooks, pq_bytes, reconstruct)
 from recsys.embeddings.spec import TableSpec
 from recsys.errors import ConfigError
+from tests.distributed import run_ranks
 from tests.embedding_contract import D, N, EmbeddingContract, batch, build, specs
 
 
@@ -342,3 +343,34 @@ def test_kmeans_codebooks_survive_dmp_materialisation():
     with pytest.raises(ConfigError, match=r"table 'item__codebook0' starts from given weights, so it must be "
                                           r"sharded whole \(table_wise or data_parallel\)"):
         sharded("column_wise")  # two column shards: their offsets are unknown to init_fn
+
+
+def _vq_forwards_on_ranks(rank: int, world: int) -> list[dict]:
+    """Four training forwards of an unsharded VQ collection (reseed_every=3) on this rank's batches."""
+    emb = _toy_vq(reseed_every=3)
+    method, found = emb.methods["item"], []
+    for step in range(4):
+        kjt = batch(10 * rank + step)
+        emb(kjt)["item"].sum().backward()
+        found.append({"calls": int(method.calls), "usage": method.usage.clone(), "window": method.window_usage.clone(),
+                      "books": method.codebooks.detach().clone(), "ids": len(kjt.values())})
+    return found
+
+
+def test_on_two_ranks_vq_counts_every_ranks_batches_and_reseeds_by_batches():
+    """W ranks count as one process reading their W batches: each forward adds W to ``calls`` and the usage of all
+    the ranks' ids to ``usage`` (the same on every rank); a window of 3 batches ends within forwards 2 (batches 3-4)
+    and 4 (batches 7-8), where the dead codewords are re-seeded and the usage starts again."""
+    ranks = run_ranks(_vq_forwards_on_ranks)
+    subspaces = 2
+    for step in range(4):
+        zero, one = ranks[0][step], ranks[1][step]
+        assert zero["calls"] == one["calls"] == 2 * (step + 1)
+        for key in ("usage", "window", "books"):
+            assert torch.equal(zero[key], one[key]), (step, key)
+        counted = subspaces * (zero["ids"] + one["ids"])  # this forward's ids, both ranks
+        previous = 0 if step in (0, 1, 3) else float(ranks[0][step - 1]["usage"].sum())
+        assert float(zero["usage"].sum()) == previous + counted, step
+    assert torch.equal(ranks[0][1]["window"], ranks[0][0]["usage"])  # reseed at forward 2: forward 1's usage
+    assert torch.equal(ranks[0][3]["window"], ranks[0][2]["usage"])  # and at forward 4: forwards 2 and 3
+    assert torch.equal(ranks[0][2]["window"], ranks[0][1]["window"])  # none at forward 3

@@ -4,6 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from recsys.data.schemas import ITEM, USER
+from recsys.embeddings.collection import EmbeddingSettings
+from recsys.embeddings.hashing import Hashing
 from recsys.evaluation import PopularityScorer
 from recsys.errors import ConfigError
 from recsys.training.distributed import TableOptimizer
@@ -78,11 +81,44 @@ def test_table_memory_is_measured_from_the_sharded_tensors(tiny_interactions, tm
     assert task.memory() == {"user": n_users * 8 * 4, "item": n_items * 8 * 4}
 
 
+def test_item_bias_carries_popularity_when_every_item_shares_one_row(tiny_interactions, tmp_path):
+    """All users and all items hashed into one row each: the vectors cannot tell items apart, so without a bias the
+    ranking is a random tie-break, and with one it is the popularity ranking the bias learns."""
+    shared = EmbeddingSettings(default=Hashing(rows=1))
+    popularity = evaluate(PopularityScorer(tiny_interactions.matrix("train")), tiny_interactions, "test", [20])
+
+    def recall(item_bias: bool) -> float:
+        cfg = _trainer(tmp_path / str(item_bias))
+        task = MFRetrieval(tiny_interactions, cfg, dim=8, embedding=shared, item_bias=item_bias,
+                           table_optimizer=TableOptimizer(lr=0.1))
+        return fit(task, tiny_interactions, cfg)["recall@20"]
+
+    assert recall(True) >= 0.95 * popularity["recall@20"] > 2 * recall(False), popularity
+
+
+@pytest.mark.parametrize("loss", ["bpr", "softmax", "sampled_softmax"])
+def test_scores_are_inner_products_plus_the_item_bias(tiny_interactions, tmp_path, loss):
+    cfg = _trainer(tmp_path, epochs=1)
+    task = MFRetrieval(tiny_interactions, cfg, dim=8, loss=loss, item_bias=True, negatives=Negatives(num=16))
+    fit(task, tiny_interactions, cfg)
+    bias = task.item_bias.detach()[:, 0]
+    assert bias.abs().max() > 0  # trained by every loss
+    users, items = torch.arange(1, 6), torch.arange(tiny_interactions.n_items)
+    expected = task.embed(USER, users) @ task.embed(ITEM, items).T + bias
+    torch.testing.assert_close(task.score_users(users), expected)
+    n_users, n_items = tiny_interactions.n_users, tiny_interactions.n_items
+    assert task.memory() == {"user": n_users * 8 * 4, "item": n_items * 8 * 4 + n_items * 4}
+
+
 def test_mf_rejects_bad_settings(tiny_interactions, tmp_path):
     with pytest.raises(ConfigError, match=r"model.loss='hinge' is invalid: expected one of \['bpr', 'softmax', "):
         MFRetrieval(tiny_interactions, _trainer(tmp_path), loss="hinge")
     with pytest.raises(ConfigError, match="table_optimizer.name must be one of"):
         MFRetrieval(tiny_interactions, _trainer(tmp_path), table_optimizer=TableOptimizer(name="lbfgs"))
+    with pytest.raises(ConfigError, match=r"item_bias does not apply to loss=simplex"):
+        MFRetrieval(tiny_interactions, _trainer(tmp_path), loss="simplex", item_bias=True)
+    with pytest.raises(ConfigError, match=r"model.item_bias='yes' is invalid: expected true or false"):
+        MFRetrieval(tiny_interactions, _trainer(tmp_path), item_bias="yes")
 
 
 class TestMFContract(ModelContract):

@@ -28,7 +28,10 @@ RANKING = {
     "mf": ["model=mf_bpr", "model.dim=16"],
     "mf_frequency_hashing": ["model=mf_bpr", "model.dim=16", "embedding=frequency_hashing"],
     "mf_mixed_dim": ["model=mf_bpr", "model.dim=16", "embedding=mixed_dim", "embedding.default.budget=0.5"],
+    "mf_low_rank": ["model=mf_bpr", "model.dim=16", "embedding=low_rank", "embedding.default.budget=0.5"],  # rank 4
+    "mf_tensor_train": ["model=mf_bpr", "model.dim=16", "embedding=tensor_train"],
     "mf_quotient_remainder": ["model=mf_bpr", "model.dim=16", "embedding=quotient_remainder"],
+    "mf_hashing_item_bias": ["model=mf_bpr", "model.dim=16", "embedding=hashing", "model.item_bias=true"],
     "mf_vq": ["model=mf_bpr", "model.dim=16", "embedding=vq_e2e"],
     "als": ["model=als", "model.factors=8"],
     "ease": ["model=ease", "model.regularization=50"],
@@ -39,9 +42,10 @@ RANKING = {
     "comirec_vq": ["model=comirec_sa", "model.dim=16", "embedding=vq_e2e"],
 }
 CTR = {"dlrm": ["model=dlrm"], "deepfm_hashing": ["model=deepfm", "embedding=hashing"],
-       "dcnv2_qr_total_budget": ["model=dcnv2", "embedding=quotient_remainder", "embedding.total_budget=0.25"],
+       "dcnv2_qr_total_budget": ["model=dcnv2", "embedding=quotient_remainder", "embedding.total_budget=0.25",
+                                 "embedding.full_below_rows=0"],  # the tiny fields are all under 1000 rows
        "dlrm_vq_total_budget": ["model=dlrm", "embedding=vq_e2e", "embedding.default.codewords=null",
-                                "embedding.total_budget=0.25"]}
+                                "embedding.total_budget=0.25", "embedding.full_below_rows=0"]}
 
 
 def _trained(tmp_path, *overrides):
@@ -103,6 +107,17 @@ def test_ctr_families_score_raw_rows_like_the_trained_model(name, tmp_path):
     float_bytes = sum(sum(c.memory().values()) for c in collections(load(directory).model).values())
     assert sum(sum(c.memory().values()) for c in quantized.values()) < 0.6 * float_bytes
     np.testing.assert_allclose(int8.predict(frame), expected, atol=0.02)
+
+
+def test_item_biases_rank_users_but_not_similar_items_and_need_exact_serving(tmp_path):
+    model = _trained(tmp_path, *TINY_TRAIN, *RANKING["mf_hashing_item_bias"])
+    package = package_model(model, model.data)
+    recommender = load(package)
+    items = np.array([3, 7])
+    vectors = model.embed("item", torch.arange(model.data.n_items))
+    torch.testing.assert_close(recommender.similar_scores(items), vectors[items] @ vectors.T)  # no bias
+    with pytest.raises(ConfigError, match=r"index='HNSW32': an MF package with item biases serves exactly"):
+        load(package, index="HNSW32")
 
 
 def test_quantized_tables_stay_close_to_the_float_model(tmp_path):

@@ -54,8 +54,12 @@ METHODS = [
     ("compositional_concat", "recsys.embeddings.compositional", "Compositional",  # widths 4 + 4: FBGEMM needs
      {"partitions": [8, 8], "combiner": "concat"}),                             # multiples of 4
     ("mixed_dim", "recsys.embeddings.mixed_dim", "MixedDimension", {"blocks": 2, "alpha": 0.5}),
+    ("low_rank", "recsys.embeddings.low_rank", "LowRank", {"rank": 4}),  # a 64 x 4 table + a 4 x 8 projection
+    ("tensor_train", "recsys.embeddings.tensor_train", "TensorTrain", {"rank": 4}),  # cores 4 x 8, 4 x 32, 4 x 8
     ("product_quantization", "recsys.embeddings.quantization", "ProductQuantization",
      {"subspaces": 2, "codewords": 16}),
+    ("vq_e2e", "recsys.embeddings.quantization", "DifferentiableVQ",  # its usage counts and `calls` cover
+     {"subspaces": 2, "codewords": 16}),                               # every rank's batch
 ]
 PLANS = {True: ["table_wise", "column_wise", "table_column_wise", "data_parallel"],  # pooled tables (EBC)
          False: ["table_wise", "column_wise"]}  # per-id tables (EC); data_parallel is rejected for shared tables
@@ -428,6 +432,7 @@ def test_torchrun_trains_on_two_ranks_and_logs_one_mlflow_run(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "pipelines.train", "trainer.distributed=true",
                "trainer.epochs=2", "trainer.progress=false", "sharding=column_wise", "sharding.column_shard_dim=8",
+               "model.item_bias=true",  # a dense parameter beside the sharded tables: replicated and all-reduced
                f"paths.root={tmp_path}", f"paths.shared_data={SHARED_DATA}", f"hydra.run.dir={tmp_path}/outputs",
                *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -137,8 +137,16 @@ class Method(nn.Module, ABC):
         return {}
 
     def initial_weights(self) -> dict[str, torch.Tensor]:
-        """Starting rows of some plain tables, by suffix (e.g. k-means codebooks); others start uniform."""
+        """Starting rows of some plain tables, by suffix (e.g. k-means codebooks); others start from ``init_fn``."""
         return {}
+
+    def init_fn(self, table: PlainTable, init_scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """How plain table ``table`` starts when ``initial_weights`` does not give its rows: an in-place init of
+        i.i.d. entries (so DMP can run it on any shard). Uniform in ±init_scale / sqrt(dim) by default; methods
+        whose combiner multiplies tables (e.g. tensor-train cores) scale it so decoded rows start like a full
+        table's."""
+        bound = init_scale / table.dim**0.5
+        return lambda weight: nn.init.uniform_(weight, -bound, bound)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """A loss term the method adds to training (e.g. VQ commitment), from the last forward."""

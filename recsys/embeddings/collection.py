@@ -32,22 +32,32 @@ class EmbeddingSettings:
     Args:
         default: the compression of every table not listed in ``tables``.
         tables: per-table overrides, by table name.
-        init_scale: plain-table rows start uniform in ±init_scale / sqrt(their dim).
+        init_scale: plain-table rows start uniform in ±init_scale / sqrt(their dim) (``Method.init_fn``; tensor-train
+            cores start Gaussian, scaled so their product does).
         total_budget: the fraction of all the collection's full table bytes its tables may use together
-            (None: each method's own budget). The tables stored as ``default`` share what the others (kept
-            full, or listed in ``tables``) leave, split by ``recsys.embeddings.budget.split_budget``.
+            (None: each method's own budget). The tables stored as ``default`` with at least ``full_below_rows``
+            rows share what the others (kept full, or listed in ``tables``) leave, split by
+            ``recsys.embeddings.budget.split_budget``.
+        full_below_rows: with ``total_budget``, ``default`` tables of fewer rows are kept full (their bytes count
+            against the total); 0 = no threshold. Tables listed in ``tables`` keep their method. Ignored without
+            ``total_budget``.
     """
 
     default: Compression = field(default_factory=Full)
     tables: dict[str, Compression] = field(default_factory=dict)
     init_scale: float = 0.1
     total_budget: float | None = None
+    full_below_rows: int = 1000
 
     def __post_init__(self):
         if self.total_budget is not None and (isinstance(self.total_budget, bool) or not isinstance(
                 self.total_budget, (int, float)) or not 0 < self.total_budget <= 1):
             raise ConfigError(f"embedding.total_budget must be a fraction in (0, 1] of the full tables' bytes, "
                               f"got {self.total_budget!r}")
+        if isinstance(self.full_below_rows, bool) or not isinstance(self.full_below_rows, int) \
+                or self.full_below_rows < 0:
+            raise ConfigError(f"embedding.full_below_rows must be an integer >= 0 (a number of rows; 0 = no "
+                              f"threshold), got {self.full_below_rows!r}")
 
     def compression(self, table: str) -> Compression:
         return self.tables.get(table, self.default)
@@ -88,7 +98,8 @@ class CompressedEmbeddings(nn.Module):
         unknown = set(settings.tables) - set(self.specs)
         if unknown:
             raise ConfigError(f"embedding.tables names unknown tables {sorted(unknown)}; tables are {sorted(self.specs)}")
-        self.methods = nn.ModuleDict(_build_methods(specs, settings, stats))
+        methods, self.compressions = _build_methods(specs, settings, stats)  # compressions: each table's, as sized
+        self.methods = nn.ModuleDict(methods)
         bag_configs, seq_configs = [], []
         for spec in specs:
             method = self.methods[spec.name]
@@ -97,7 +108,7 @@ class CompressedEmbeddings(nn.Module):
                 features = [f"{f}__{s}" for f in spec.feature_names for s, t in enumerate(streams) if t == index]
                 bound = settings.init_scale / table.dim**0.5
                 init_fn = (_copy_init(spec.name, table, initial[table.suffix]) if table.suffix in initial
-                           else lambda w, b=bound: nn.init.uniform_(w, -b, b))
+                           else method.init_fn(table, settings.init_scale))
                 common = dict(name=f"{spec.name}__{table.suffix}", num_embeddings=table.rows, embedding_dim=table.dim,
                               feature_names=features, weight_init_min=-bound, weight_init_max=bound, init_fn=init_fn)
                 if _pooled(spec, method):
@@ -246,6 +257,20 @@ class CompressedEmbeddings(nn.Module):
             totals[part.split("/")[0]] += b
         return totals
 
+    def layout(self) -> dict[str, dict]:
+        """Per logical table: the compression it got (``method``: its class; ``budget``: the fraction of the full
+        table it was sized to, None for a method without one, e.g. Full), its measured ``bytes`` (``memory()``) and
+        its ``full_bytes``.
+
+        Example:
+            >>> CompressedEmbeddings([TableSpec("item", 100, 8, ("item",))]).layout()
+            {'item': {'method': 'Full', 'budget': None, 'bytes': 3200, 'full_bytes': 3200}}
+        """
+        memory = self.memory()
+        return {name: {"method": type(self.compressions[name]).__name__,
+                       "budget": getattr(self.compressions[name], "budget", None), "bytes": memory[name],
+                       "full_bytes": spec.full_bytes} for name, spec in self.specs.items()}
+
 
 def served_form(collection: CompressedEmbeddings, settings: EmbeddingSettings, state: Mapping[str, torch.Tensor],
                 prefix: str = "") -> tuple[EmbeddingSettings, dict[str, torch.Tensor]]:
@@ -286,21 +311,35 @@ def _plain_key(keys: list[str], table: str, suffix: str) -> str:
     return found[0]
 
 
-def _build_methods(specs: Sequence[TableSpec], settings: EmbeddingSettings,
-                   stats: Mapping[str, TableStats]) -> dict[str, Method]:
-    """Each spec's method, in spec order; with ``settings.total_budget``, the ``default`` tables sized to share
-    what the other tables leave of it."""
-    shared = {s.name for s in specs if settings.total_budget is not None and s.compression is None
-              and s.name not in settings.tables}
-    methods = {s.name: (s.compression or settings.compression(s.name)).build(s, stats.get(s.name))
-               for s in specs if s.name not in shared}
+def _build_methods(specs: Sequence[TableSpec], settings: EmbeddingSettings, stats: Mapping[str, TableStats]
+                   ) -> tuple[dict[str, Method], dict[str, Compression]]:
+    """Each spec's method and the compression it was built from, in spec order. With ``settings.total_budget``, the
+    ``default`` tables under ``settings.full_below_rows`` rows are kept full and the other ``default`` tables are
+    sized to share what all the rest leave of it."""
+    budgeted = [s for s in specs if settings.total_budget is not None and s.compression is None
+                and s.name not in settings.tables]
+    small = {s.name for s in budgeted if s.num_embeddings < settings.full_below_rows}
+    shared = {s.name for s in budgeted} - small
+    compressions = {s.name: Full() if s.name in small else s.compression or settings.compression(s.name)
+                    for s in specs if s.name not in shared}
+    methods = {name: compressions[name].build(s, stats.get(name)) for s in specs if (name := s.name) in compressions}
+    if budgeted:
+        allowed = math.floor(settings.total_budget * sum(s.full_bytes for s in specs))
+        kept = {s.name: methods[s.name].budget_bytes() for s in budgeted if s.name in small}
+        if sum(kept.values()) > allowed:
+            listed = ", ".join(f"{name} ({size} bytes)" for name, size in kept.items())
+            raise ConfigError(f"embedding.total_budget={settings.total_budget} allows {allowed} bytes for all tables, "
+                              f"but the tables under embedding.full_below_rows={settings.full_below_rows} rows, kept "
+                              f"full, need {sum(kept.values())} bytes alone: {listed}; raise total_budget or lower "
+                              "full_below_rows (0: no threshold)")
     if shared:
-        fixed = sum(m.budget_bytes() for m in methods.values())
-        available = math.floor(settings.total_budget * sum(s.full_bytes for s in specs)) - fixed
+        available = allowed - sum(m.budget_bytes() for m in methods.values())
         sized = [s for s in specs if s.name in shared]
         budgets = split_budget(settings.default, sized, available, stats)
-        methods |= {s.name: with_budget(settings.default, budgets[s.name]).build(s, stats.get(s.name)) for s in sized}
-    return {s.name: methods[s.name] for s in specs}
+        for spec in sized:
+            compressions[spec.name] = with_budget(settings.default, budgets[spec.name])
+            methods[spec.name] = compressions[spec.name].build(spec, stats.get(spec.name))
+    return {s.name: methods[s.name] for s in specs}, {s.name: compressions[s.name] for s in specs}
 
 
 def _copy_init(name: str, table: PlainTable, rows: torch.Tensor):

@@ -426,8 +426,14 @@ class DifferentiableVQTable(Method):
     The forward output of an id is the concatenation of its nearest codewords (exactly what the
     exported ``ProductQuantization`` returns); the gradient passes straight through to the query.
     Training forwards count codeword usage; the first one seeds every codeword from the batch's
-    query vectors, and every ``reseed_every`` forwards codewords used fewer than
+    query vectors, and every ``reseed_every`` batches codewords used fewer than
     ``dead_code_threshold`` times since the last check are re-seeded from random query vectors.
+
+    On W ranks the counts cover every rank's batch: a training forward adds W to ``calls`` and
+    the usage of all W batches (all-reduced) to ``usage``, so every rank holds the same counts
+    and a checkpoint holds them all; W ranks count as one process reading their W batches one
+    after the other (what ``tests/test_sharding.py`` compares), and ``dead_code_threshold``
+    means the same for any W.
 
     Args:
         spec: the logical table.
@@ -457,6 +463,7 @@ class DifferentiableVQTable(Method):
         self._count = 0
         self._combined = True
         self._reseed: Literal["all", "dead"] | None = None
+        self._first_batch = 0  # number (from 1, over all ranks) of the current forward's first batch
 
     def plain_tables(self) -> list[PlainTable]:
         return [PlainTable("query", self.spec.num_embeddings, self.spec.dim)]
@@ -467,11 +474,13 @@ class DifferentiableVQTable(Method):
         if self._combined:
             self._combined, self._losses, self._count = False, [], 0
             if self.training:
-                self.calls += 1
-                calls, every = int(self.calls), self.settings.reseed_every
-                if calls == 1:
+                world = dist.get_world_size() if _distributed() else 1
+                first, every = int(self.calls) + 1, self.settings.reseed_every
+                self.calls += world  # this forward reads batches first .. first + world - 1
+                self._first_batch = first
+                if first == 1:
                     self._reseed = "all"
-                elif every and (calls - 1) % every == 0:
+                elif every and (first + world - 2) // every > (first - 2) // every:  # batch k * every + 1 is one
                     self._reseed = "dead"
         return [ids]
 
@@ -488,7 +497,11 @@ class DifferentiableVQTable(Method):
         chosen = self.codebooks[subspace, codes]  # (n, S, d)
         if self.training:
             offsets = codes + subspace * self.codewords
-            self.usage += torch.bincount(offsets.reshape(-1), minlength=self.usage.numel()).view_as(self.usage)
+            counts = torch.bincount(offsets.reshape(-1), minlength=self.usage.numel()).view_as(self.usage)
+            counts = counts.to(self.usage.dtype)
+            if _distributed():
+                dist.all_reduce(counts)  # every rank counts every rank's batch (see the class docstring)
+            self.usage += counts
         if torch.is_grad_enabled() and n > 0:
             codebook_loss = (chosen - sub.detach()).pow(2).sum()
             commitment = (sub - chosen.detach()).pow(2).sum()
@@ -516,8 +529,8 @@ class DifferentiableVQTable(Method):
         """Moves dead codewords onto random rows of ``vectors``; returns how many moved.
 
         A codeword is dead when used fewer than ``dead_code_threshold`` times since the last
-        check (summed over ranks); the usage counts then start a new window. Rank 0's new
-        codebooks are broadcast, so every rank keeps the same ones.
+        check (``usage`` already sums the ranks' batches); the usage counts then start a new window.
+        Rank 0's new codebooks are broadcast, so every rank keeps the same ones.
 
         Args:
             vectors: (n, D) current query vectors (a training batch).
@@ -528,8 +541,6 @@ class DifferentiableVQTable(Method):
             dead = torch.ones_like(self.usage, dtype=torch.bool)
         else:
             usage = self.usage.clone()
-            if distributed:
-                dist.all_reduce(usage)
             dead = usage < self.settings.dead_code_threshold
             self.window_usage.copy_(usage)
             self.usage.zero_()
@@ -538,7 +549,7 @@ class DifferentiableVQTable(Method):
         books = self.codebooks.detach().clone()
         if len(vectors):
             sub = vectors.detach().reshape(len(vectors), self.subspaces, -1).to(books.dtype)
-            generator = torch.Generator().manual_seed(self.settings.seed + int(self.calls))
+            generator = torch.Generator().manual_seed(self.settings.seed + self._first_batch)
             for s in range(self.subspaces):
                 rows = dead[s].nonzero().squeeze(1)
                 if len(rows) == 0:
@@ -608,7 +619,7 @@ class DifferentiableVQ(Compression):
             ``codewords``.
         beta: weight of the commitment loss ``||q - sg(c)||^2``.
         dead_code_threshold: codewords used fewer times than this over a window are re-seeded.
-        reseed_every: window length in training forwards (0 = only the initial seeding).
+        reseed_every: window length in training batches, counted over all ranks (0 = only the initial seeding).
         seed: seed of the codebook init and the re-seeding draws.
 
     Example:

@@ -184,15 +184,16 @@ def from_config(config, key: str = "build"):
 def packageable() -> dict[str, type]:
     """The classes a package may name, by ``_target_``: embedding settings, compression methods, interest extractors
     and CTR networks (with their cross-layer settings). A class is not trusted because it can be imported."""
-    from recsys.embeddings import compositional, full, graph_hash, hashing, mixed_dim, quantization
+    from recsys.embeddings import (compositional, full, graph_hash, hashing, low_rank, mixed_dim, quantization,
+                                   tensor_train)
     from recsys.embeddings.collection import EmbeddingSettings
     from recsys.models import ctr, multi_interest
 
     classes = (EmbeddingSettings, full.Full, hashing.Hashing, hashing.DoubleHashing, hashing.MultiHash,
                hashing.FrequencyHashing, compositional.QuotientRemainder, compositional.Compositional,
                mixed_dim.MixedDimension, quantization.ProductQuantization, quantization.DifferentiableVQ,
-               graph_hash.GraphHash, multi_interest.DynamicRouting, multi_interest.SelfAttention, ctr.Cross,
-               *_networks())
+               graph_hash.GraphHash, low_rank.LowRank, tensor_train.TensorTrain, multi_interest.DynamicRouting,
+               multi_interest.SelfAttention, ctr.Cross, *_networks())
     return {_qualname(cls): cls for cls in classes}
 
 
@@ -211,6 +212,9 @@ def _allowed(cls: type, partial: bool) -> None:
 
 
 _SPECIAL = ("_target_", "_partial_")
+# Parameters added after packages were written, with the value that reproduces what those packages were built with
+# (the parameter's default may differ): embedding.full_below_rows did not exist, so no table was kept full by it.
+_WRITTEN_BEFORE = {"recsys.embeddings.collection.EmbeddingSettings": {"full_below_rows": 0}}
 
 
 def _check(value, key: str) -> None:
@@ -251,7 +255,7 @@ def _build(value, key: str):
         return {k: _build(v, f"{key}.{k}") for k, v in value.items()}
     cls = packageable()[value["_target_"]]
     hints = typing.get_type_hints(cls.__init__)
-    arguments = {}
+    arguments = dict(_WRITTEN_BEFORE.get(value["_target_"], {}))  # what a package without the key was built with
     for k, v in value.items():
         if k not in _SPECIAL:
             arguments[k] = _build(v, f"{key}.{k}")

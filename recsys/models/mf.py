@@ -1,4 +1,5 @@
-"""Matrix factorization: a user table and an item table, scored by dot product or cosine similarity."""
+"""Matrix factorization: a user table and an item table, scored by dot product or cosine similarity, optionally plus a
+learned per-item bias."""
 
 from __future__ import annotations
 
@@ -35,10 +36,17 @@ def mf_specs(n_users: int, n_items: int, dim: int) -> list[TableSpec]:
 
 
 class MatrixFactorization(nn.Module):
-    """Returns one pooled D-dimensional embedding per feature; scores are dot products.
+    """Returns one pooled D-dimensional embedding per feature; scores are dot products, plus ``b_item`` with
+    ``item_bias``.
+
+    The bias is one float per item, kept full (never compressed) beside the tables: items that share compressed rows
+    (hashing, quotient-remainder) get equal vectors, so without it a rare item scores like the popular items it
+    collides with; the bias carries each item's own popularity. It is a dense parameter (replicated over the ranks,
+    trained by the tables' optimizer).
 
     Args:
         embeddings: the collection holding the ``user`` and ``item`` tables (any compression).
+        item_bias: learn a per-item bias.
 
     Example:
         >>> mf = MatrixFactorization(CompressedEmbeddings(mf_specs(10, 20, 8)))
@@ -49,16 +57,24 @@ class MatrixFactorization(nn.Module):
         torch.Size([2])
     """
 
-    def __init__(self, embeddings: CompressedEmbeddings):
+    def __init__(self, embeddings: CompressedEmbeddings, item_bias: bool = False):
         super().__init__()
         self.embeddings = embeddings
+        n_items = embeddings.specs[ITEM].num_embeddings
+        # (N, 1): one row per item, so the tables' row-wise optimizers train it like a table
+        self.item_bias = nn.Parameter(torch.zeros(n_items, 1)) if item_bias else None
 
     @classmethod
     def build(cls, n_users: int, n_items: int, dim: int, settings: EmbeddingSettings | None = None,
-              stats: Mapping[str, TableStats] | None = None, device: torch.device | None = None) -> MatrixFactorization:
+              stats: Mapping[str, TableStats] | None = None, device: torch.device | None = None,
+              item_bias: bool = False) -> MatrixFactorization:
         """MF over the ``mf_specs`` tables stored as ``settings`` says: what training builds from the prepared data
         and loading builds from a package (vocabulary sizes and table stats from either)."""
-        return cls(CompressedEmbeddings(mf_specs(n_users, n_items, dim), settings, stats, device=device))
+        return cls(CompressedEmbeddings(mf_specs(n_users, n_items, dim), settings, stats, device=device), item_bias)
+
+    def bias(self, items: torch.Tensor) -> torch.Tensor | float:
+        """(n,) biases of item indices ``items``; 0 without ``item_bias``."""
+        return 0.0 if self.item_bias is None else self.item_bias[items, 0]
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """features with keys among (user, item, neg_item), stride B -> {feature: (B, D)}."""

@@ -27,8 +27,8 @@ from recsys.inference.package import to_config
 from recsys.models.ctr import FAMILY
 from recsys.models.ctr.fields import FIRST_ORDER_SUFFIX, FIRST_ORDER_WIDTH, field_specs
 from recsys.models.settings import check, is_int, is_number
-from recsys.training.distributed import (ShardedTask, ShardingConfig, TableOptimizer, all_sum, combined_optimizer, device,
-                                         init_process_group, rank_and_world, rank_share, shard)
+from recsys.training.distributed import (ShardedTask, ShardingConfig, TableOptimizer, all_sum, backward, combined_optimizer,
+                                         device, init_process_group, rank_and_world, rank_share, shard)
 from recsys.training.loop import TrainerConfig
 from recsys.training.losses import binary_cross_entropy
 
@@ -136,7 +136,7 @@ def _first_order_settings(settings: EmbeddingSettings, first_order: str) -> Embe
     if first_order == "full":
         return EmbeddingSettings(init_scale=settings.init_scale)
     tables = {f"{k}{FIRST_ORDER_SUFFIX}": v for k, v in settings.tables.items()}
-    return EmbeddingSettings(settings.default, tables, settings.init_scale, settings.total_budget)
+    return replace(settings, tables=tables)
 
 
 def ctr_network(model: Callable[..., nn.Module], schema: CTRSchema, vocab_sizes: dict[str, int],
@@ -285,7 +285,7 @@ class CTRTask(ShardedTask):
         for extra in (self._penalty(), *(c.auxiliary_loss() for c in self.collections())):
             if extra is not None:
                 loss = loss + extra
-        loss.backward()
+        backward(loss)
         self.optimizer.step()
         return value
 

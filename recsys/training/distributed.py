@@ -17,12 +17,14 @@ batches of B rows and a per-batch mean loss train like one process with batches 
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
@@ -39,12 +41,21 @@ from recsys.embeddings.collection import served_form
 from recsys.embeddings.memory import TABLE_KEY
 from recsys.errors import ConfigError
 from recsys.inference.package import to_config
+from recsys.models.settings import is_number
 
 TABLE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
                     "rowwise_adagrad": RowWiseAdagrad, "adam": torch.optim.Adam}
 SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise",
                   "grid_shard")
 CUDA_ONLY = ("row_wise", "table_row_wise", "grid_shard")
+# Where FBGEMM's fused kernels cannot apply table_optimizer.weight_decay (it would be silently ignored): sgd and
+# adagrad on any device (their lookup invokers do not pass weight_decay to the kernel; SplitTableBatchedEmbeddingBags-
+# Codegen's docstring: "EXACT_ADAGRAD, SGD, EXACT_SGD do not support weight decay"), and rowwise_adagrad on the CPU:
+# fbgemm-gpu-cpu 1.8.0 hands weight_decay and weight_decay_mode to its CPU kernel, which updates the rows as if both
+# were 0 under every WeightDecayMode (tests/test_table_optimizer.py checks this, so an FBGEMM that fixes it shows up).
+NO_WEIGHT_DECAY = {"sgd": "EXACT_SGD", "adagrad": "EXACT_ADAGRAD"}
+NO_CPU_WEIGHT_DECAY = {"rowwise_adagrad": "EXACT_ROWWISE_ADAGRAD"}
+WEIGHT_DECAY_ADVICE = "set weight_decay=0 (CTR models: embedding_l2 penalises the looked-up rows)"
 LAUNCH = "torchrun --nproc_per_node=2 -m pipelines.train trainer.distributed=true ..."
 
 T = TypeVar("T")
@@ -182,6 +193,26 @@ class ShardedTask:
     def memory_parts(self) -> dict[str, int]:
         return {part: size for c in self.collections() for part, size in c.memory_parts().items()}
 
+    def layout(self) -> dict[str, dict]:
+        """Per table: its compression (``method``, ``budget``), ``bytes``, ``full_bytes`` (``CompressedEmbeddings.layout``)."""
+        return {table: entry for c in self.collections() for table, entry in c.layout().items()}
+
+
+# TorchRec's dense kernel (data-parallel tables) runs FBGEMM's dense_embedding_codegen_lookup_function, which has no
+# kernel on the Autograd key, so torch's autograd fallback warns in backward that it "may lead to silently incorrect
+# behavior". Harmless here: the op's CPU kernel wraps itself in an autograd Function (SplitLookupFunction_Dense_Op),
+# so its output already carries FBGEMM's backward node and the fallback only hooks the warning onto it; the gradient
+# is FBGEMM's (tests/test_table_optimizer.py::test_data_parallel_tables_train_like_a_plain_embedding_bag: losses and
+# weights after two steps equal a plain nn.EmbeddingBag's on both ranks).
+DENSE_KERNEL_WARNING = "fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was not registered"
+
+
+def backward(loss: torch.Tensor) -> None:
+    """``loss.backward()`` without the dense kernel's harmless autograd-fallback warning (``DENSE_KERNEL_WARNING``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", DENSE_KERNEL_WARNING, UserWarning)
+        loss.backward()
+
 
 def optimise(losses: Iterable[tuple[torch.Tensor, int]], optimizer, embeddings, progress=None) -> dict[str, float]:
     """Steps ``optimizer`` on each (loss, rows) of ``losses`` (plus ``embeddings.auxiliary_loss()``, e.g. VQ's
@@ -192,7 +223,7 @@ def optimise(losses: Iterable[tuple[torch.Tensor, int]], optimizer, embeddings, 
     for loss, rows in losses:
         if (auxiliary := embeddings.auxiliary_loss()) is not None:
             loss = loss + auxiliary
-        loss.backward()
+        backward(loss)
         optimizer.step()
         optimizer.zero_grad()
         total, count = total + loss.item() * rows, count + rows
@@ -203,6 +234,25 @@ def optimise(losses: Iterable[tuple[torch.Tensor, int]], optimizer, embeddings, 
     return {"loss": total / max(count, 1)}
 
 
+class _RowWiseAdagradL2(RowWiseAdagrad):
+    """TorchRec's RowWiseAdagrad with FBGEMM's L2 weight decay (``WeightDecayMode.L2``) for data-parallel tables:
+    ``weight_decay * w`` joins the gradient of the rows the step touched (a nonzero gradient row) and the other
+    rows stay as they are, as in the fused kernel, instead of every row of the dense gradient decaying."""
+
+    def __init__(self, params, lr: float, weight_decay: float, eps: float):
+        super().__init__(params, lr=lr, eps=eps)
+        self.l2 = weight_decay
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    touched = parameter.grad.ne(0).any(dim=-1, keepdim=True)
+                    parameter.grad.add_(torch.where(touched, parameter, 0), alpha=self.l2)
+        return super().step(closure)
+
+
 @dataclass
 class TableOptimizer:
     """The fused optimizer FBGEMM applies to embedding rows in the backward pass.
@@ -210,8 +260,15 @@ class TableOptimizer:
     Args:
         name: sgd, adagrad, rowwise_adagrad (CPU and CUDA) or adam (CUDA only).
         lr: learning rate.
-        weight_decay: L2 penalty applied by the fused kernel.
+        weight_decay: on CUDA, rowwise_adagrad: L2 penalty (FBGEMM's ``WeightDecayMode.L2``: ``g + weight_decay *
+            w`` on the rows a batch touches, the others untouched); adam: decoupled decay (as AdamW). Must be 0 for
+            sgd and adagrad (FBGEMM's fused kernels for them have no weight decay) and on the CPU (FBGEMM's CPU
+            kernels ignore it): a ConfigError says so instead of training without it.
         eps: numerical epsilon of the adaptive optimizers.
+
+    Example:
+        >>> TableOptimizer("rowwise_adagrad", lr=0.1)._kwargs()
+        {'lr': 0.1, 'weight_decay': 0.0, 'eps': 1e-08}
     """
 
     name: str = "rowwise_adagrad"
@@ -219,15 +276,32 @@ class TableOptimizer:
     weight_decay: float = 0.0
     eps: float = 1e-8
 
+    def __post_init__(self):
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"table_optimizer.weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if self.weight_decay and self.name in NO_WEIGHT_DECAY:
+            raise ConfigError(f"table_optimizer.weight_decay={self.weight_decay} cannot be honoured with "
+                              f"table_optimizer.name={self.name}: FBGEMM's fused {self.name} kernel "
+                              f"({NO_WEIGHT_DECAY[self.name]}) has no weight decay and would ignore it; "
+                              f"{WEIGHT_DECAY_ADVICE}, or on CUDA use name=rowwise_adagrad")
+
     def _kwargs(self) -> dict:
         if self.name not in TABLE_OPTIMIZERS:
             raise ConfigError(f"table_optimizer.name must be one of {sorted(TABLE_OPTIMIZERS)}, got {self.name!r}")
         if self.name == "adam" and not torch.cuda.is_available():
             raise ConfigError("table_optimizer.name=adam needs CUDA: FBGEMM's CPU kernels support sgd, adagrad "
                               "and rowwise_adagrad")
+        if self.weight_decay and self.name in NO_CPU_WEIGHT_DECAY and not torch.cuda.is_available():
+            raise ConfigError(f"table_optimizer.weight_decay={self.weight_decay} cannot be honoured with "
+                              f"table_optimizer.name={self.name} on the CPU: FBGEMM's CPU {self.name} kernel "
+                              f"({NO_CPU_WEIGHT_DECAY[self.name]}) ignores weight decay; {WEIGHT_DECAY_ADVICE}")
         kwargs = {"lr": self.lr, "weight_decay": self.weight_decay}
         if self.name != "sgd":
             kwargs["eps"] = self.eps
+        if self.name == "rowwise_adagrad" and self.weight_decay:
+            # FBGEMM's CUDA rowwise_adagrad kernel ignores weight_decay under its default WeightDecayMode.NONE;
+            # TorchRec hands these kwargs to the kernel as fused params (RowWiseAdagrad takes and drops the mode)
+            kwargs["weight_decay_mode"] = WeightDecayMode.L2
         return kwargs
 
     def apply(self, model: nn.Module) -> None:
@@ -239,8 +313,14 @@ class TableOptimizer:
 
     def build(self, params) -> torch.optim.Optimizer:
         """The same optimizer as a plain torch optimizer over ``params`` (for data-parallel tables,
-        which DMP runs with the dense kernel, outside FBGEMM's fused backward)."""
-        return TABLE_OPTIMIZERS[self.name](params, **self._kwargs())
+        which DMP runs with the dense kernel, outside FBGEMM's fused backward), with the fused kernel's weight
+        decay: L2 on the touched rows for rowwise_adagrad, decoupled (AdamW) for adam."""
+        kwargs = self._kwargs()
+        if self.weight_decay and self.name == "rowwise_adagrad":
+            return _RowWiseAdagradL2(params, lr=self.lr, weight_decay=self.weight_decay, eps=self.eps)
+        if self.weight_decay and self.name == "adam":
+            return torch.optim.AdamW(params, **kwargs)
+        return TABLE_OPTIMIZERS[self.name](params, **kwargs)
 
 
 @dataclass
@@ -369,15 +449,17 @@ def sharding_types(model: DistributedModelParallel) -> dict[str, str]:
 
 
 def combined_optimizer(model: DistributedModelParallel, table_optimizer: TableOptimizer | None = None,
-                       dense: type[torch.optim.Optimizer] = torch.optim.Adam, **dense_kwargs) -> CombinedOptimizer:
+                       dense: type[torch.optim.Optimizer] = torch.optim.Adam, rows: Sequence[str] = (),
+                       **dense_kwargs) -> CombinedOptimizer:
     """The tables' fused optimizer, ``table_optimizer`` for data-parallel tables, and ``dense``
     for every other parameter.
 
     Args:
         model: the sharded model.
         table_optimizer: the optimizer of data-parallel tables (the one given to
-            ``TableOptimizer.apply``); None trains them with ``dense``.
+            ``TableOptimizer.apply``) and of the ``rows`` parameters; None trains them with ``dense``.
         dense: the optimizer class of the dense parameters.
+        rows: names of dense parameters that hold per-id rows (e.g. MF's ``item_bias``), trained like tables.
         dense_kwargs: its arguments.
     """
     fused = set(model.fused_optimizer.params)
@@ -387,7 +469,8 @@ def combined_optimizer(model: DistributedModelParallel, table_optimizer: TableOp
         table = TABLE_KEY.search(name)
         if name in fused or (table and table[1] not in replicated_tables):
             continue  # trained by FBGEMM, or the empty placeholder of a table this rank holds no shard of
-        (replicated if table and table_optimizer is not None else dense_params)[name] = parameter
+        is_rows = table or name.rsplit(".", 1)[-1] in rows
+        (replicated if is_rows and table_optimizer is not None else dense_params)[name] = parameter
     optimizers = [model.fused_optimizer]
     for params, make in ((replicated, table_optimizer.build if table_optimizer else None),
                          (dense_params, lambda ps: dense(ps, **dense_kwargs))):

@@ -14,6 +14,7 @@ from recsys.data.batching import ParquetBatches, interactions_to_batch, jagged
 from recsys.data.dataset import PreparedData
 from recsys.data.schemas import ITEM, USER
 from recsys.embeddings.collection import EmbeddingSettings
+from recsys.embeddings.memory import tensor_bytes
 from recsys.embeddings.spec import TableStats
 from recsys.errors import ConfigError
 from recsys.inference.package import stats_tensors
@@ -65,6 +66,8 @@ class MFRetrieval(ShardedTask):
         temperature: temperature of both softmax losses.
         margin: ``simplex``: negatives with cosine below it cost nothing, in [-1, 1).
         negative_weight: ``simplex``: weight of the mean negative term, > 0.
+        item_bias: learn a per-item bias added to the scores (``MatrixFactorization``), trained by
+            ``table_optimizer``; not with ``simplex`` (cosine scores).
         embedding: how the user and item tables are stored (compression per table).
         sharding: table placement.
 
@@ -78,7 +81,7 @@ class MFRetrieval(ShardedTask):
     def __init__(self, data: PreparedData, trainer: TrainerConfig, dim: int = 64,
                  loss: Literal["bpr", "softmax", "sampled_softmax", "simplex"] = "bpr",
                  negatives: Negatives | None = None, table_optimizer: TableOptimizer | None = None,
-                 temperature: float = 1.0, margin: float = 0.5, negative_weight: float = 10.0,
+                 temperature: float = 1.0, margin: float = 0.5, negative_weight: float = 10.0, item_bias: bool = False,
                  embedding: EmbeddingSettings | None = None, sharding: ShardingConfig | None = None):
         negatives = negatives or Negatives()
         check(loss in LOSSES, "loss", loss, f"one of {list(LOSSES)}")
@@ -86,6 +89,10 @@ class MFRetrieval(ShardedTask):
         check(is_number(temperature) and temperature > 0, "temperature", temperature, "a number > 0")
         check(is_number(margin) and -1 <= margin < 1, "margin", margin, "a cosine in [-1, 1)")
         check(is_number(negative_weight) and negative_weight > 0, "negative_weight", negative_weight, "a number > 0")
+        check(isinstance(item_bias, bool), "item_bias", item_bias, "true or false")
+        if item_bias and loss == "simplex":
+            raise ConfigError("item_bias does not apply to loss=simplex: it scores cosine similarities, which a bias "
+                              "would shift out of [-1, 1]; set item_bias=false")
         if data.kind != "interactions":
             raise ConfigError(f"MF needs an interactions dataset; {data.root} holds {data.kind!r}")
         init_process_group(trainer.distributed)  # fails early when the launch does not match trainer.distributed
@@ -100,12 +107,13 @@ class MFRetrieval(ShardedTask):
         stats = {USER: TableStats(np.bincount(graph.users, minlength=data.n_users), data.clusters(USER), graph, "user"),
                  ITEM: TableStats(counts, data.clusters(ITEM), graph, "item")}
         self.dim, self.settings, self.stats = dim, embedding or EmbeddingSettings(), stats
-        model = MatrixFactorization.build(data.n_users, data.n_items, dim, self.settings, stats, torch.device("meta"))
-        self.embeddings = model.embeddings
+        model = MatrixFactorization.build(data.n_users, data.n_items, dim, self.settings, stats, torch.device("meta"),
+                                          item_bias)
+        self.embeddings, self.item_bias = model.embeddings, model.item_bias
         table_optimizer = table_optimizer or TableOptimizer()
         table_optimizer.apply(self.embeddings)
         self.model = shard(model, sharding)
-        self.optimizer = combined_optimizer(self.model, table_optimizer)
+        self.optimizer = combined_optimizer(self.model, table_optimizer, rows=["item_bias"])
 
     def train_epoch(self, epoch: int, progress: tqdm | None) -> dict[str, float]:
         self.model.train()
@@ -129,19 +137,27 @@ class MFRetrieval(ShardedTask):
             users, items = users.repeat(self.negatives.num), items.repeat(self.negatives.num)
             negatives = self.sampler.sample(len(users), generator)
             out = self.model(jagged(FEATURES, [users, items, negatives]))
-            return bpr_loss(MatrixFactorization.score(out[USER], out[ITEM]),
-                            MatrixFactorization.score(out[USER], out[NEG_ITEM]))
+            return bpr_loss(MatrixFactorization.score(out[USER], out[ITEM]) + self._bias(items),
+                            MatrixFactorization.score(out[USER], out[NEG_ITEM]) + self._bias(negatives))
         if self.loss == "softmax":
             out = self.model(jagged(FEATURES[:2], [users, items]))
-            return in_batch_softmax_loss(out[USER], out[ITEM], items, self.popularity.log_probabilities[items],
+            return in_batch_softmax_loss(out[USER], out[ITEM], items, self._offset(self.popularity, items),
                                          self.temperature)
         negatives = self.sampler.sample(self.negatives.num, generator)
         user, positive, negative = self._shared_lookup(users, items, negatives)
         if self.loss == "sampled_softmax":
-            log_q = self.sampler.log_probabilities  # the distribution the negatives were drawn from
-            return sampled_softmax_loss(user, positive, negative, items, negatives, (log_q[items], log_q[negatives]),
+            return sampled_softmax_loss(user, positive, negative, items, negatives,  # logQ of the negatives' sampler
+                                        (self._offset(self.sampler, items), self._offset(self.sampler, negatives)),
                                         self.temperature)
         return cosine_contrastive_loss(user, positive, negative, items, negatives, self.margin, self.negative_weight)
+
+    def _bias(self, items: torch.Tensor) -> torch.Tensor | float:
+        return 0.0 if self.item_bias is None else self.model.module.bias(items)
+
+    def _offset(self, sampler: NegativeSampler, items: torch.Tensor) -> torch.Tensor:
+        """What the softmax losses subtract from the logits ``u . v / T``: the sampler's log-probability, minus
+        ``b / T`` with an item bias, so that the logits are ``(u . v + b) / T - log q``."""
+        return sampler.log_probabilities[items] - self._bias(items) / self.temperature
 
     def _shared_lookup(self, users: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,7 +174,8 @@ class MFRetrieval(ShardedTask):
     def export(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
         """Family, build arguments and tensors of a model package (see ``recsys.inference``)."""
         settings, tensors = self.served_model()
-        build = {"dim": self.dim, "settings": settings, "similarity": self.similarity}
+        build = {"dim": self.dim, "settings": settings, "similarity": self.similarity,
+                 "item_bias": self.item_bias is not None}
         return FAMILY, build, {**tensors, **stats_tensors(self.stats, self.embeddings)}
 
     @torch.no_grad()
@@ -172,4 +189,13 @@ class MFRetrieval(ShardedTask):
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         if self._items is None:
             self._items = as_scored(self.embed(ITEM, torch.arange(self.data.n_items)), self.similarity)
-        return as_scored(self.embed(USER, users), self.similarity) @ self._items.T
+        return as_scored(self.embed(USER, users), self.similarity) @ self._items.T + self._bias(slice(None))
+
+    def memory(self) -> dict[str, int]:
+        """Bytes per table; the item bias counts with the item table."""
+        return {t: b + (tensor_bytes(self.item_bias) if t == ITEM and self.item_bias is not None else 0)
+                for t, b in super().memory().items()}
+
+    def memory_parts(self) -> dict[str, int]:
+        bias = {} if self.item_bias is None else {f"{ITEM}/parameter/item_bias": tensor_bytes(self.item_bias)}
+        return super().memory_parts() | bias
