@@ -56,7 +56,9 @@ def run(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     with tracker.start(f"tune-{settings.study}", config, tags={"study": settings.study, "model": cfg.model.name,
                                                              "data": cfg.data.name}) as parent:
-        states = [t.state for t in study.trials]
+        for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # a killed run's trial (studies run in one
+        states = [t.state for t in study.trials]                          # process: none of ours is running now)
         completed = optuna.trial.TrialState.COMPLETE in states
         distributions = space.distributions()
         for _ in range(max(settings.trials - sum(s in FINISHED for s in states), 0)):

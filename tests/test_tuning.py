@@ -105,8 +105,11 @@ def test_a_three_trial_study_logs_its_runs_writes_a_config_train_accepts_and_res
     assert (tuned.trainer.epochs, tuned.model.dim, tuned.data.split.valid_fraction) == (3, 16, 0.1)
     assert tuned.data.source.generator.n_users == 300 and tuned.trainer.early_stopping == "ndcg@20"
 
-    cfg.tune.trials = 4  # the stored study resumes: one more trial, not four
-    assert len(run(cfg)["study"].trials) == 4
+    study.ask()  # a run killed during a trial leaves it RUNNING in the store
+    cfg.tune.trials = 4  # the stored study resumes: the killed trial failed, then one more trial, not four
+    states = [t.state for t in run(cfg)["study"].trials]
+    assert len(states) == 5 and states[3] == optuna.trial.TrialState.FAIL
+    assert optuna.trial.TrialState.RUNNING not in states
 
 
 def test_a_study_needs_a_validation_split(tmp_path: Path):
