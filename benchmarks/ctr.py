@@ -279,6 +279,7 @@ def frappe(args, tracker: Tracker) -> dict:
 
     def record(row: dict) -> None:
         rows.append(row)
+        write(report | {"rows": rows}, "frappe", frappe_markdown, frappe_plot)  # a stopped run keeps what it measured
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
     for seed in args.seeds:
@@ -311,7 +312,7 @@ def frappe(args, tracker: Tracker) -> dict:
                                 "full_table_bytes": full[0]["table_bytes"], **result})
         for model in args.models:
             baselines = [("plain-torch", lambda m=model: train_plain(m, data, seed=seed))]
-            if model in DEEPCTR:
+            if model in DEEPCTR and not args.skip_deepctr:
                 baselines.append(("deepctr-torch", lambda m=model: train_deepctr(DEEPCTR[m], data, seed=seed)))
             for library, train in baselines:
                 with tracker.start(f"frappe-{library}-{model}-s{seed}", {"model": model, "seed": seed},
@@ -663,7 +664,8 @@ def footer(report: dict) -> list[str]:
             f"Command: `{report['command']}`", ""]
 
 
-def finish(report: dict, part: str, markdown, plot, tracker: Tracker) -> dict:
+def write(report: dict, part: str, markdown, plot) -> list[Path]:
+    """Writes ``ctr_<part>.{json,md,png}``; returns their paths."""
     report["load_average_at_end"] = list(os.getloadavg())
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"ctr_{part}"
@@ -673,6 +675,11 @@ def finish(report: dict, part: str, markdown, plot, tracker: Tracker) -> dict:
     if plot is not None:
         plot(report, stem.with_suffix(".png"))
         files.append(stem.with_suffix(".png"))
+    return files
+
+
+def finish(report: dict, part: str, markdown, plot, tracker: Tracker) -> dict:
+    files = write(report, part, markdown, plot)
     with tracker.start(f"summary-{part}", {"command": report["command"]}, tags={"benchmark": "ctr"}) as run:
         for path in files:
             run.log_artifact(path)

@@ -4,6 +4,8 @@ import re
 
 import numpy as np
 import pytest
+import torch
+from hydra.utils import instantiate
 
 from recsys.embeddings.budget import has_layout, smallest_budget, split_budget, with_budget
 from recsys.embeddings.collection import CompressedEmbeddings, EmbeddingSettings
@@ -15,6 +17,8 @@ from recsys.embeddings.mixed_dim import MixedDimension
 from recsys.embeddings.spec import TableSpec, TableStats
 from recsys.embeddings.tensor_train import TensorTrain
 from recsys.errors import ConfigError
+from recsys.models.mf import mf_specs
+from tests.conftest import ROOT
 
 # Frappe's three large fields at D = 32
 SPECS = [TableSpec("user", 885, 32, ("user",)), TableSpec("item", 4083, 32, ("item",)),
@@ -202,3 +206,19 @@ def test_packages_written_before_the_threshold_load_without_it():
     assert config["full_below_rows"] == 1000 and from_config(config).full_below_rows == 1000
     del config["full_below_rows"]  # an older package: every default table shared the budget
     assert from_config(config).full_below_rows == 0
+
+
+@pytest.mark.parametrize("method", sorted(p.stem for p in (ROOT / "conf" / "embedding").glob("*.yaml") if p.stem != "full"))
+def test_the_one_line_budget_builds_every_method_for_ml1m_sized_mf_tables(compose_config, method):
+    """``embedding=<method> embedding.default.budget=0.0625`` (the README's one line) for MF's two tables of ML-1M's
+    sizes at D = 64: a layout within the budget (``budget_bytes``: what differentiable VQ serves, its export)."""
+    budget = 1 / 16
+    settings = instantiate(compose_config("train", (f"embedding={method}", f"embedding.default.budget={budget}"))
+                           .embedding, _convert_="object")
+    specs = mf_specs(6040, 3629, 64)
+    stats = {s.name: TableStats(counts=zipf_stats(s).counts, clusters=np.arange(s.num_embeddings) % 64)
+             for s in specs}
+    collection = CompressedEmbeddings(specs, settings, stats, device=torch.device("meta"))
+    for spec in specs:
+        used = collection.methods[spec.name].budget_bytes()
+        assert used <= budget * spec.full_bytes, (spec.name, used)

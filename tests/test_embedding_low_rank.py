@@ -2,6 +2,7 @@
 the starting variance, errors, one MF epoch."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from recsys.embeddings.memory import TABLE_KEY
 from recsys.embeddings.spec import TableSpec
 from recsys.errors import ConfigError
 from recsys.inference.package import from_config, to_config
+from recsys.training.distributed import sharding_types
 from tests.embedding_contract import D, N, batch, build, mf_one_epoch, EmbeddingContract
 
 
@@ -101,11 +103,11 @@ def test_errors_name_the_field_value_and_table():
         LowRank(budget=0.5, rank_multiple=0)
     with pytest.raises(ConfigError, match="table 'item': low_rank.rank=16 exceeds the table's dim=8"):
         LowRank(rank=16).build(spec)
-    # 0.25 x 2048 bytes hold 512 bytes; rank 4 needs 4 x 4 x (64 + 8) = 1152
-    with pytest.raises(ConfigError, match=r"table 'item': low_rank.budget=0.25 \(512 bytes\) is below the smallest "
-                                          r"layout, rank 4 \(1152 bytes, budget 0.5625\); use a larger budget or a "
-                                          r"smaller rank_multiple"):
-        LowRank(budget=0.25).build(spec)
+    # 0.25 x 2048 bytes hold 512 bytes: rank 4 needs 4 x 4 x (64 + 8) = 1152, rank 1 288: the largest rank that fits
+    assert LowRank(budget=0.25).build(spec).rank == 1
+    with pytest.raises(ConfigError, match=r"table 'item': low_rank.budget=0.1 \(205 bytes\) is below the smallest "
+                                          r"layout, rank 1 \(288 bytes, budget 0.1406\); use a larger budget"):
+        LowRank(budget=0.1).build(spec)
     with pytest.raises(ConfigError, match=r"table 'tiny': low_rank.rank_multiple=4 exceeds the table's dim=2"):
         LowRank(budget=1.0).build(TableSpec("tiny", 100, 2, ("tiny",)))
 
@@ -119,10 +121,16 @@ def test_the_config_instantiates_and_builds_within_its_budget(compose_config):
     assert sum(emb.memory().values()) <= 0.25 * spec.full_bytes
 
 
-def test_mf_trains_one_epoch_on_low_rank_tables(tiny_interactions, tmp_path):
-    task, loss, full = mf_one_epoch(tiny_interactions, tmp_path, LowRank(budget=0.5), dim=32)
+@pytest.mark.parametrize("budget, rank, kind", [(0.5, 12, "table_wise|column_wise|table_column_wise"),
+                                               (1 / 16, 1, "data_parallel")])
+def test_mf_trains_one_epoch_on_low_rank_tables(tiny_interactions, tmp_path, budget, rank, kind):
+    """At 1/16 of D = 32 no rank of 4 fits: rank 1, whose table the default sharding runs data-parallel (FBGEMM's
+    fused kernels need widths divisible by 4)."""
+    task, loss, full = mf_one_epoch(tiny_interactions, tmp_path, LowRank(budget=budget), dim=32)
     memory = task.embeddings.memory()
-    assert all(memory[t] <= 0.5 * full[t] for t in full)
+    assert all(memory[t] <= budget * full[t] for t in full)
+    assert {m.rank for m in task.embeddings.methods.values()} == {rank}
+    assert all(re.fullmatch(kind, t) for t in sharding_types(task.model).values())
     assert math.isfinite(loss) and loss > 0
 
 

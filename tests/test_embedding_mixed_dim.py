@@ -123,9 +123,11 @@ def _bytes(compression, spec, stats=None):
 def test_budgets_are_met_from_below_and_closely(budget, with_counts, multiple):
     spec = TableSpec("item", 20_000, 128, ("item",))
     stats = TableStats(counts=zipf_counts(spec.num_embeddings)) if with_counts else None
-    if multiple == 4 and budget == 1 / 64:  # blocks of dim >= 4 of D = 128 need more than 1/32 of the bytes
-        with pytest.raises(ConfigError, match="below the smallest layout, 4 blocks of dim 4"):
-            MixedDimension(blocks=4, budget=budget).build(spec, stats)
+    if multiple == 4 and budget == 1 / 64:  # blocks of dim >= 4 of D = 128 need more than 1/32 of the bytes: the
+        method = MixedDimension(blocks=4, budget=budget).build(spec, stats)  # layout of multiple 1 (data-parallel)
+        assert method.budget_bytes() <= budget * spec.full_bytes and min(method.dims) < 4
+        with pytest.raises(ConfigError, match="below the smallest layout, 4 blocks of dim 1"):
+            MixedDimension(blocks=4, budget=1 / 512).build(spec, stats)
         return
     used, method = _bytes(MixedDimension(blocks=4, alpha=0.5, budget=budget, dim_multiple=multiple), spec, stats)
     assert used <= budget * spec.full_bytes

@@ -354,15 +354,15 @@ def test_sharding_config_checks_its_types(types, message):
         ShardingConfig(column_shard_dim=6)
 
 
-def test_table_widths_fbgemm_cannot_run_are_rejected_unless_data_parallel():
+def test_table_widths_fbgemm_cannot_run_are_data_parallel_by_default_and_rejected_when_named():
     module = nn.Module()
     module.bags = EmbeddingBagCollection([EmbeddingBagConfig(name="item__part0", num_embeddings=16, embedding_dim=3,
                                                              feature_names=["f"])], device=torch.device("meta"))
+    by_default = distributed._constraints(module, ShardingConfig())["item__part0"]
+    assert (by_default.sharding_types, by_default.compute_kernels) == (["data_parallel"], ["dense"])
     with pytest.raises(ConfigError, match=r"table 'item__part0' has dimension 3, but FBGEMM's fused kernels need a "
                                           r"multiple of 4"):
-        distributed._constraints(module, ShardingConfig())
-    replicated = distributed._constraints(module, ShardingConfig({"item": ["data_parallel"]}))["item__part0"]
-    assert replicated.compute_kernels == ["dense"]
+        distributed._constraints(module, ShardingConfig({"item": ["table_wise"]}))
 
 
 def test_sharding_group_composes_into_the_model(compose_config):

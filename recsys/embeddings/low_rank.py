@@ -11,7 +11,8 @@ back (``q . (e P) = (q P^T) . e``) and scoring the r-wide rows once.
 
 With a ``budget`` (a fraction of the full float32 table's bytes), r is the largest multiple of
 ``rank_multiple`` (4 by default: FBGEMM's fused kernels need widths divisible by 4) with
-``(N r + r D) x 4 <= budget x N D x 4``.
+``(N r + r D) x 4 <= budget x N D x 4``, or below the smallest multiple the largest r that fits (e.g. r = 3 at
+1/16 of D = 64; such a table runs data-parallel on the dense kernel).
 """
 
 from __future__ import annotations
@@ -126,18 +127,19 @@ class LowRank(Compression):
         return LowRankTables(spec, self._budget_rank(spec))
 
     def _budget_rank(self, spec: TableSpec) -> int:
-        """The largest multiple of ``rank_multiple``, at most D, whose bytes fit the budget; ConfigError if none."""
+        """The largest multiple of ``rank_multiple``, at most D, whose bytes fit the budget, or, when no multiple
+        fits, the largest rank that does (its table then runs data-parallel on the dense kernel under the default
+        sharding); ConfigError when not even rank 1 fits."""
         multiple, target = int(self.rank_multiple), self.budget * spec.full_bytes
         if multiple > spec.dim:
             raise ConfigError(f"table '{spec.name}': low_rank.rank_multiple={multiple} exceeds the table's "
                               f"dim={spec.dim}, so no rank in 1..{spec.dim} is a multiple of it")
         rank = min(int(target // low_rank_bytes(spec, 1)), spec.dim)
-        rank -= rank % multiple
         while rank > 0 and low_rank_bytes(spec, rank) > target:  # float rounding of the division
-            rank -= multiple
-        if rank < multiple:
-            floor = low_rank_bytes(spec, multiple)
+            rank -= 1
+        if rank < 1:
+            floor = low_rank_bytes(spec, 1)
             raise ConfigError(f"table '{spec.name}': low_rank.budget={self.budget} ({target:.0f} bytes) is below the "
-                              f"smallest layout, rank {multiple} ({floor} bytes, budget "
-                              f"{floor / spec.full_bytes:.4g}); use a larger budget or a smaller rank_multiple")
-        return rank
+                              f"smallest layout, rank 1 ({floor} bytes, budget {floor / spec.full_bytes:.4g}); use a "
+                              "larger budget")
+        return rank - rank % multiple if rank >= multiple else rank

@@ -231,9 +231,11 @@ class MixedDimension(Compression):
                               f"over {n} ids (block sizes {sizes.tolist()})")
         return sizes.tolist()
 
-    def _budget_dims(self, spec: TableSpec, sizes: list[int], ratios: np.ndarray, fixed_bytes: int) -> np.ndarray:
+    def _budget_dims(self, spec: TableSpec, sizes: list[int], ratios: np.ndarray, fixed_bytes: int,
+                     multiple: int | None = None) -> np.ndarray:
         """Block dims ``power_rule_dims(scale, ratios)`` for the largest scale in (0, D] whose tables,
-        projections and id map (``fixed_bytes``) fit the budget.
+        projections and id map (``fixed_bytes``) fit the budget, in multiples of ``dim_multiple`` or, when no
+        such layout fits, of 1 (those blocks then run data-parallel on the dense kernel under the default sharding).
 
         The dims grow with the scale and only change where ``scale * ratio_i / dim_multiple``
         crosses a half-integer, so trying the scale just past each crossing (and the smallest
@@ -241,7 +243,7 @@ class MixedDimension(Compression):
         are not monotone in the scale (a block reaching D drops its projection), hence the largest
         fitting scale rather than the costliest layout: it has the widest blocks.
         """
-        dim, target, multiple = spec.dim, self.budget * spec.full_bytes, self.dim_multiple
+        dim, target, multiple = spec.dim, self.budget * spec.full_bytes, multiple or self.dim_multiple
         half = multiple * (np.arange(-(-dim // multiple)) + 0.5)
         crossings = (half[None, :] / ratios[ratios > 0][:, None]).ravel() * (1 + 1e-9)
         scales = np.sort(np.concatenate([[1e-9, dim], crossings[crossings <= dim]]))
@@ -249,11 +251,12 @@ class MixedDimension(Compression):
         size = np.asarray(sizes)
         cost = 4 * (dims @ size + np.where(dims != dim, dims * dim, 0).sum(1)) + fixed_bytes
         feasible = cost <= target
+        if not feasible.any() and multiple > 1:
+            return self._budget_dims(spec, sizes, ratios, fixed_bytes, multiple=1)
         if not feasible.any():
             raise ConfigError(f"table '{spec.name}': mixed_dim.budget={self.budget} ({target:.0f} bytes) is below "
                               f"the smallest layout, {len(sizes)} blocks of dim {dims[0].min()} ({cost.min()} bytes, "
-                              f"budget {cost.min() / spec.full_bytes:.4g}); use fewer blocks, a smaller "
-                              f"dim_multiple or a larger budget")
+                              f"budget {cost.min() / spec.full_bytes:.4g}); use fewer blocks or a larger budget")
         return dims[np.flatnonzero(feasible)[-1]]
 
 

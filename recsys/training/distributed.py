@@ -335,7 +335,8 @@ class ShardingConfig:
             table_column_wise (pooled tables only), and on CUDA row_wise, table_row_wise,
             grid_shard. data_parallel is listed alone: it replicates the table on every rank and
             runs it with the dense kernel, outside FBGEMM's fused backward. Types a table's
-            collection cannot use are dropped from the ``default`` list.
+            collection cannot use are dropped from the ``default`` list, and a table under ``default``
+            whose width is not a multiple of 4 (which FBGEMM's fused kernels need) runs data_parallel.
         column_shard_dim: width of column-wise shards (TorchRec's ``min_partition``); None keeps
             TorchRec's default (128), so narrower tables stay one shard.
 
@@ -412,6 +413,8 @@ def _constraints(model: nn.Module, sharding: ShardingConfig,
         if usable == ["data_parallel"] and not pooled and len(features) > 1:
             raise ConfigError(f"{where}: data_parallel fails in TorchRec 1.8 for an unpooled table read by several "
                               f"features (table '{name}', features {features}); use table_wise or column_wise")
+        if dim % 4 and key == "default" and (pooled or len(features) == 1):
+            usable = ["data_parallel"]  # FBGEMM's fused kernels need widths divisible by 4; the dense kernel any
         kernels = ["dense"] if usable == ["data_parallel"] else ["fused"]
         if kernels == ["fused"] and dim % 4:
             raise ConfigError(f"{where}: table '{name}' has dimension {dim}, but FBGEMM's fused kernels need a "
